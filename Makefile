@@ -1,0 +1,41 @@
+# llm2vec-mini: `make demo` runs the main job, `make test` runs every test. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+REF_VENV := .venv-ref
+REF_PY := $(REF_VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo model test-reference reference-setup bench reproduce clean
+
+# Re-runs are no-ops: the stamp is newer than both requirement files.
+setup: $(VENV)/.stamp
+$(VENV)/.stamp: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# The real model (SmolLM2-135M-Instruct, GGUF) into the local cache; a second run only prints its path.
+model: setup
+	$(PY) -m llm2vec_mini download smollm2
+
+test: setup model
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup model
+	$(PY) -m llm2vec_mini demo
+
+# The official llm2vec 0.2.3 only works with transformers 4.44.2 and peft 0.13.2: its own venv.
+reference-setup: $(REF_VENV)/.stamp
+$(REF_VENV)/.stamp: requirements-ref.txt
+	test -x $(REF_PY) || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_PY) -m pip install --quiet --disable-pip-version-check -r requirements-ref.txt
+	$(REF_PY) -m pip install --quiet --disable-pip-version-check --no-deps llm2vec==0.2.3
+	touch $@
+
+test-reference: setup model reference-setup
+	$(PY) -m pytest tests/reference $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(REF_VENV) .pytest_cache build *.egg-info

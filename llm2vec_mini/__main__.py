@@ -1,0 +1,4 @@
+"""`python -m llm2vec_mini ...`: see cli.py."""
+from .cli import main
+
+raise SystemExit(main())
