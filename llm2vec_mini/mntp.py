@@ -1,0 +1,118 @@
+"""Masked next-token prediction (MNTP), LLM2Vec step 2 (paper Sec. 2.2).
+
+With bidirectional attention a decoder can see the whole text, but was never trained to use its future
+context. MNTP teaches it: mask a fraction of the tokens (BERT-style), and predict a masked token i from
+the hidden state at position i - 1, the position a decoder already predicts the next token from:
+
+    loss = CE( lm_head(h[:, :-1]), labels[:, 1:] ),   labels = -100 where nothing is masked
+
+The official settings (train_configs/mntp/Sheared-Llama.json): blocks of 512 tokens, mask ratio 0.2,
+"_" as the mask token, 80 % mask / 10 % random / 10 % kept, batch 32, 1000 steps, LoRA r = 16.
+
+References:
+1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.2 and Appendix D.1.1
+2) Devlin et al., "BERT", 2019, https://arxiv.org/abs/1810.04805, Sec. 3.1 (the 80/10/10 recipe)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+IGNORE = -100  # label value that cross-entropy skips
+
+
+def choose_mask_token(tokenizer) -> int:
+    """The mask token id: "_" as in the official recipe, for both vocabularies we load.
+
+    Llama's SentencePiece vocabulary (Sheared-LLaMA) has "_" as one ordinary token (id 29918); so does
+    GPT-2-style byte-level BPE (SmolLM2). An existing, ordinary token needs no new embedding row, which
+    a frozen embedding matrix could not learn anyway. Vocabularies without it fall back to eos.
+    """
+    mask_id = tokenizer.token_to_id("_")
+    if mask_id is None:
+        mask_id = tokenizer.eos_id
+    if mask_id is None:
+        raise ConfigError("the tokenizer has neither a '_' token nor an eos token to mask with")
+    return mask_id
+
+
+def group_texts(token_lists: Iterable[Sequence[int]], block_size: int) -> torch.Tensor:
+    """Concatenate tokenised texts and cut them into blocks of `block_size` (the tail is dropped).
+
+    Returns (n_blocks, block_size) int64, as Hugging Face's run_mlm `group_texts` does.
+    """
+    if block_size < 2:
+        raise ConfigError(f"block_size must be at least 2, got {block_size}")
+    flat = [t for ids in token_lists for t in ids]
+    n = len(flat) // block_size
+    if n == 0:
+        raise ConfigError(f"the corpus has {len(flat)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(flat[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+@dataclass
+class MNTPCollator:
+    """Masks a batch of token blocks BERT-style; returns (input_ids, labels), both (B, T).
+
+    Each non-special position is chosen with probability `mask_ratio`; a chosen position becomes the
+    mask token with probability 0.8, a random token with 0.1, and stays itself with 0.1 (`all_mask`:
+    always the mask token). Labels hold the original token at chosen positions and -100 elsewhere.
+    """
+
+    mask_id: int
+    vocab_size: int
+    special_ids: Sequence[int] = ()
+    mask_ratio: float = 0.2
+    all_mask: bool = False
+
+    def __post_init__(self):
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+    def __call__(self, input_ids: torch.Tensor, generator: Optional[torch.Generator] = None):
+        input_ids = input_ids.clone()  # (B, T)
+        labels = input_ids.clone()
+        prob = torch.full(input_ids.shape, self.mask_ratio)
+        if len(self.special_ids):
+            special = torch.isin(input_ids, torch.tensor(list(self.special_ids)))
+            prob.masked_fill_(special, 0.0)  # never mask bos/eos/pad
+        chosen = torch.bernoulli(prob, generator=generator).bool()
+        labels[~chosen] = IGNORE
+        if self.all_mask:
+            input_ids[chosen] = self.mask_id
+            return input_ids, labels
+        to_mask = torch.bernoulli(torch.full(input_ids.shape, 0.8), generator=generator).bool() & chosen
+        input_ids[to_mask] = self.mask_id
+        # half of the remaining 20 %: a random token; the other half keeps the original
+        to_random = (torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool()
+                     & chosen & ~to_mask)
+        random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=generator)
+        input_ids[to_random] = random_ids[to_random]
+        return input_ids, labels
+
+
+def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    """Mean CE of predicting labels[:, i + 1] from hidden[:, i], computed only where a label exists.
+
+    hidden (B, T, H) from the (bidirectional) decoder; labels (B, T) with -100 where unmasked.
+    Projecting only the ~20 % labelled positions onto the vocabulary gives the same loss as
+    `CE(lm_head(hidden)[:, :-1], labels[:, 1:])` at a fraction of the cost (see `mntp_loss_full`).
+    """
+    shifted = labels[:, 1:]  # (B, T-1): the token each position must predict
+    where = shifted != IGNORE
+    if not where.any():
+        return hidden.sum() * 0.0  # a batch with nothing masked: zero loss, still in the graph
+    logits = lm_head(hidden[:, :-1][where])  # (n_labelled, vocab)
+    return F.cross_entropy(logits.float(), shifted[where])
+
+
+def mntp_loss_full(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The textbook form: CE(logits[:, :-1], labels[:, 1:]) over the full (B, T, vocab) logits."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE)

@@ -1,0 +1,77 @@
+"""SimCSE, LLM2Vec step 3 (paper Sec. 2.3): contrastive learning of one vector per sentence.
+
+Unsupervised: pass the same batch through the model twice in training mode. Dropout differs between
+the passes, so each sentence gets two slightly different embeddings e1_i, e2_i; the pair (e1_i, e2_i)
+is the positive and every (e1_i, e2_j), j != i, a negative:
+
+    s_ij = scale · cos(e1_i, e2_j)          loss = mean_i  -log softmax_j(s_ij)[j = i]
+
+scale = 1 / temperature = 20 in LLM2Vec's unsupervised recipe (attention dropout 0.3).
+Supervised (LLM2Vec's E5 runs): each query q_i has a positive p_i and a hard negative n_i; the
+candidates for q_i are every p_j and every n_j of the batch (the official HardNegativeNLLLoss, scale 50).
+With several processes the candidates are all-gathered, so every process sees the global batch.
+
+References:
+1) Gao, Yao, Chen, "SimCSE", 2021, https://arxiv.org/abs/2104.08821, Sec. 3 (unsupervised), Sec. 4 (supervised)
+2) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.3 and Appendix D.1.2
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity: a (N, H), b (M, H) -> (N, M)."""
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate (N, H) from every process along dim 0, keeping the gradient of the local rows.
+
+    Under one process this is the identity. Rows may differ in count between processes.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])]) if x.shape[0] < longest else x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    parts = [p[: int(s.item())] for p, s in zip(parts, sizes)]
+    parts[dist.get_rank()] = x  # the local rows carry the gradient
+    return torch.cat(parts)
+
+
+def contrastive_loss(queries: torch.Tensor, positives: torch.Tensor,
+                     negatives: Optional[torch.Tensor] = None, scale: float = 50.0) -> torch.Tensor:
+    """Cross-entropy of each query against all positives (and hard negatives) of the global batch.
+
+    queries, positives: (B, H), row i of each is a pair; negatives: (B, H) or None.
+    Target of query i is positive i. Returns a scalar: the mean over the global batch, the same on
+    every process. Each process's gradient covers only its own rows, so a distributed trainer that
+    averages gradients multiplies this loss by the world size before `backward` (see train.py).
+    """
+    queries = gather_with_grad(queries)  # (B_global, H)
+    candidates = gather_with_grad(positives)  # (B_global, H)
+    if negatives is not None:
+        candidates = torch.cat([candidates, gather_with_grad(negatives)])  # (2 B_global, H)
+    scores = cosine_matrix(queries, candidates) * scale  # (B_global, n_candidates)
+    targets = torch.arange(queries.shape[0], device=queries.device)
+    return F.cross_entropy(scores, targets)
+
+
+def unsup_simcse_loss(e1: torch.Tensor, e2: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """Unsupervised SimCSE: e1, e2 (B, H) are two dropout views of the same sentences."""
+    return contrastive_loss(e1, e2, None, scale)
+
+
+def supervised_loss(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+                    scale: float = 50.0) -> torch.Tensor:
+    """Supervised contrastive loss with hard negatives (the official HardNegativeNLLLoss)."""
+    return contrastive_loss(queries, positives, negatives, scale)
