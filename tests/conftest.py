@@ -37,3 +37,48 @@ def shared_data_dir() -> Path:
 @pytest.fixture
 def data_dir() -> Path:
     return shared_data_dir()
+
+
+# --- SmolLM2 GGUF from the local cache (owner: the GGUF/hub work) ---------------------------------
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of the cached SmolLM2-135M-Instruct Q4_1 GGUF file; skip (or fail under
+    LLM2VEC_MINI_REQUIRE_DATA=1) when `python -m llm2vec_mini download smollm2` has not been run."""
+    from llm2vec_mini.hub import smollm2_path
+    try:
+        return smollm2_path()
+    except FileNotFoundError as e:
+        missing(str(e))
+
+
+# --- Tokenizer test texts (owner: the tokenizer work) --------------------------------------------
+
+def ggml_vocab_cases(name: str):
+    """[(text, expected ids without BOS)] from llama.cpp's `{name}.inp`/`.out` in shared/data/tokenizers.
+
+    Texts are separated by lines `__ggml_vocab_test__`; the newline before each separator belongs to it.
+    """
+    folder = shared_data_dir() / "tokenizers"
+    texts = (folder / f"{name}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    assert texts[-1] == "", "the .inp file must end with a separator"
+    lines = (folder / f"{name}.out").read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == ""
+    ids = [[int(x) for x in line.split()] for line in lines[:-1]]
+    assert len(ids) == len(texts) - 1
+    return list(zip(texts[:-1], ids))
+
+
+@pytest.fixture(scope="session")
+def sts_dev_texts():
+    """Both sentences of all 1,500 STS-B dev pairs (3,000 texts): tab-separated, no quoting, cols 6, 7."""
+    rows = (shared_data_dir() / "stsbenchmark" / "sts-dev.csv").read_text(encoding="utf-8").splitlines()
+    pairs = [row.split("\t")[5:7] for row in rows]
+    assert len(pairs) == 1500 and all(len(p) == 2 for p in pairs)
+    return [s for pair in pairs for s in pair]
+
+
+# --- The reference tier (owner: the official-llm2vec work) --------------------------------------
+# tests/reference compares against the official llm2vec in .venv-ref; `make test-reference` runs it
+# with LLM2VEC_MINI_REFERENCE=1. Without that variable `pytest tests` does not collect it.
+collect_ignore = [] if os.environ.get("LLM2VEC_MINI_REFERENCE") == "1" else ["reference"]

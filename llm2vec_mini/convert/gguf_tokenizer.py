@@ -1,0 +1,207 @@
+"""A `tokenizers.Tokenizer` rebuilt from the vocabulary a GGUF file carries.
+
+A GGUF file has no `tokenizer.json`. llama.cpp stores the tokenizer as metadata instead:
+
+    tokenizer.ggml.model        "llama" (SentencePiece BPE) or "gpt2" (byte-level BPE)
+    tokenizer.ggml.pre          which regex splits the text before BPE ("gpt-2", "smollm", ...)
+    tokenizer.ggml.tokens       the vocabulary, id -> string
+    tokenizer.ggml.scores       one float per token ("llama": the higher, the earlier it merges)
+    tokenizer.ggml.token_type   1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+    tokenizer.ggml.merges       "left right" pairs, best first ("gpt2" only)
+    tokenizer.ggml.{bos,eos,padding,unknown}_token_id, add_bos_token, add_eos_token, add_space_prefix
+
+Both families are byte-pair encoding (Sennrich et al.): start from characters (or bytes) and merge
+the best adjacent pair again and again. They differ in where the merge order comes from.
+
+* "gpt2" (GPT-2, SmolLM2) stores its merges. Text is split by a regex first, then every byte is
+  spelled as one printable character (GPT-2's byte alphabet: a space is "Ġ"), so nothing is unknown.
+* "llama" (Llama 2, Sheared-LLaMA) stores no merges, only a score per token. SentencePiece merges
+  the adjacent pair whose concatenation is the token with the highest score (llama.cpp's
+  `llm_tokenizer_spm`). Sorting every (left, right) split of every token by the score of the whole
+  token gives a merge list that a plain BPE model replays. Spaces become "▁", a "▁" is prepended
+  (add_space_prefix), and a character missing from the vocabulary falls back to its UTF-8 bytes,
+  the tokens "<0x00>".."<0xFF>".
+
+References:
+1) Sennrich et al., "Neural machine translation of rare words with subword units", 2016,
+   https://arxiv.org/abs/1508.07909 (BPE)
+2) Kudo & Richardson, "SentencePiece", 2018, https://arxiv.org/abs/1808.06226
+3) Radford et al., "Language models are unsupervised multitask learners", 2019 (GPT-2's byte-level BPE)
+4) GGUF spec, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md ("Tokenizer" keys), and
+   llama.cpp src/llama-vocab.cpp (the SPM merge loop, the pre-tokenizer regexes, the defaults)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+from ..errors import CheckpointError
+from ..tokenizer import bos_eos_template
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# tokenizer.ggml.pre -> the regexes llama.cpp applies, in order, before GPT-2's own split (which
+# `pre_tokenizers.ByteLevel(use_regex=True)` does). SmolLM2 and StarCoder first cut every digit off
+# on its own, as their tokenizer.json's `Digits(individual_digits=True)` does.
+_GPT2_PRE_SPLITS: Dict[str, List[str]] = {
+    "gpt-2": [],
+    "default": [],  # a file that names no pre-tokenizer gets GPT-2's, as in transformers
+    "smollm": [r"\p{N}"],
+    "starcoder": [r"\p{N}"],
+}
+
+
+def _get(metadata: dict, key: str, path, default: Any = ...) -> Any:
+    if key in metadata:
+        return metadata[key]
+    if default is ...:
+        raise CheckpointError(f"tokenizer metadata {key!r} is missing", path)
+    return default
+
+
+def _token_id(metadata: dict, key: str, n_tokens: int, path) -> Optional[int]:
+    value = metadata.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not hasattr(value, "__index__"):  # ints, numpy ints; not floats
+        raise CheckpointError(f"{key} must be an integer token id, got {value!r}", path)
+    value = int(value)
+    if not 0 <= value < n_tokens:
+        raise CheckpointError(f"{key} = {value} is not a token id (the vocabulary has {n_tokens})", path)
+    return value
+
+
+def _flag(metadata: dict, key: str, default: bool, path) -> bool:
+    value = metadata.get(key, default)
+    if isinstance(value, str) or value not in (True, False):  # numpy's bool_ and 0/1 pass too
+        raise CheckpointError(f"{key} must be true or false, got {value!r}", path)
+    return bool(value)
+
+
+def _spm_merges(tokens: List[str], scores: List[float], types: List[int]) -> List[Tuple[str, str]]:
+    """SentencePiece's merge order as a BPE merge list: every split (left, right) of every token whose
+    halves are tokens too, best token first (highest score; ties by the lower id), then by split point.
+
+    Control, unknown and byte tokens never take part: SentencePiece never builds them from pieces.
+    """
+    mergeable = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t not in (UNKNOWN, CONTROL, BYTE)}
+    ranked = []  # (sort key, left, right)
+    for tok, i in mergeable.items():
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in mergeable and right in mergeable:
+                ranked.append(((-scores[i], i, cut), left, right))
+    ranked.sort()
+    return [(left, right) for _, left, right in ranked]
+
+
+def _llama_spm(tokens, scores, types, metadata, path) -> tokenizers.Tokenizer:
+    """Llama 2's SentencePiece BPE: merges recovered from the scores, "▁" for spaces, byte fallback."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    missing_bytes = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
+    if missing_bytes:
+        raise CheckpointError(f"tokenizer.ggml.tokens lacks the byte-fallback tokens "
+                              f"{', '.join(missing_bytes[:4])}{' ...' if len(missing_bytes) > 4 else ''}", path)
+    unk_id = _token_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens), path)
+    bpe = models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), byte_fallback=True,
+                     fuse_unk=True, unk_token=None if unk_id is None else tokens[unk_id])
+    tok = tokenizers.Tokenizer(bpe)
+    # llama.cpp: add_space_prefix defaults to true for SentencePiece. The "▁" is prepended to every
+    # stretch of plain text, so " Hello" becomes "▁▁Hello", as SentencePiece itself does.
+    steps = [normalizers.Replace(" ", "▁")]
+    space_prefix = _flag(metadata, "tokenizer.ggml.add_space_prefix", True, path)
+    if space_prefix:
+        steps.insert(0, normalizers.Prepend("▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = None
+    # Decoding undoes it: "▁" -> " ", "<0xE2><0x82><0xAC>" -> "€", and the prefix space goes.
+    undo = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(undo + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+    return tok
+
+
+def _gpt2_bpe(tokens, types, metadata, path) -> tokenizers.Tokenizer:
+    """GPT-2's byte-level BPE with the stored merges and the regex llama.cpp uses for this `pre`."""
+    merges_raw = _get(metadata, "tokenizer.ggml.merges", path)
+    merges = []
+    for i, merge in enumerate(merges_raw):
+        pair = merge.split(" ") if isinstance(merge, str) else None
+        if pair is None or len(pair) != 2 or not all(pair):
+            raise CheckpointError(f"tokenizer.ggml.merges[{i}] must be two tokens separated by one space, "
+                                  f"got {merge!r}", path)
+        merges.append((pair[0], pair[1]))
+    pre = _get(metadata, "tokenizer.ggml.pre", path, "default")
+    if pre not in _GPT2_PRE_SPLITS:
+        raise CheckpointError(f"unsupported tokenizer.ggml.pre {pre!r} for a gpt2 tokenizer "
+                              f"(supported: {', '.join(_GPT2_PRE_SPLITS)})", path)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _GPT2_PRE_SPLITS[pre]]
+    # ByteLevel applies GPT-2's regex ('s|'t|...| ?\p{L}+| ?\p{N}+|...) and then spells bytes.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                   use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def tokenizer_from_gguf(metadata: Dict[str, Any], path=None) -> Tuple[tokenizers.Tokenizer, Dict[str, Any]]:
+    """Build the tokenizer a GGUF file describes.
+
+    Args:
+        metadata: the file's key/value metadata (strings as str, arrays as lists or numpy arrays).
+        path: the file, only to name it in errors.
+    Returns:
+        (tokenizer, specials): a `tokenizers.Tokenizer` whose post-processor adds BOS/EOS as the file
+        says, and `{"bos_id", "eos_id", "pad_id", "add_bos", "add_eos"}` (ids are int or None).
+    Raises:
+        CheckpointError naming the key that is missing or wrong, or the unsupported model.
+    """
+    model = _get(metadata, "tokenizer.ggml.model", path)
+    if model not in ("llama", "gpt2"):
+        raise CheckpointError(f"unsupported tokenizer model tokenizer.ggml.model = {model!r} "
+                              f"(supported: 'llama', 'gpt2')", path)
+    tokens = list(_get(metadata, "tokenizer.ggml.tokens", path))
+    n = len(tokens)
+    if n == 0 or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError("tokenizer.ggml.tokens must be a non-empty list of strings", path)
+    if len(set(tokens)) != n:
+        raise CheckpointError("tokenizer.ggml.tokens holds the same token twice", path)
+    types = [int(t) for t in _get(metadata, "tokenizer.ggml.token_type", path, [NORMAL] * n)]
+    if len(types) != n:
+        raise CheckpointError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens", path)
+
+    if model == "llama":
+        scores = [float(s) for s in _get(metadata, "tokenizer.ggml.scores", path)]
+        if len(scores) != n:
+            raise CheckpointError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens", path)
+        tok, default_bos = _llama_spm(tokens, scores, types, metadata, path), True
+    else:
+        tok, default_bos = _gpt2_bpe(tokens, types, metadata, path), False
+
+    # Control tokens (<s>, <|endoftext|>, <|im_start|>) are matched whole in the text and never cut
+    # into pieces; user-defined ones too, but they count as text when decoding with skip_special_tokens.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, kind in zip(tokens, types) if kind in (CONTROL, UNKNOWN)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, kind in zip(tokens, types) if kind == USER_DEFINED])
+
+    specials = dict(
+        bos_id=_token_id(metadata, "tokenizer.ggml.bos_token_id", n, path),
+        eos_id=_token_id(metadata, "tokenizer.ggml.eos_token_id", n, path),
+        pad_id=_token_id(metadata, "tokenizer.ggml.padding_token_id", n, path),
+        # llama.cpp's defaults: SentencePiece vocabularies add BOS, GPT-2 style ones do not.
+        add_bos=_flag(metadata, "tokenizer.ggml.add_bos_token", default_bos, path),
+        add_eos=_flag(metadata, "tokenizer.ggml.add_eos_token", False, path),
+    )
+    for flag, key in (("add_bos", "bos_id"), ("add_eos", "eos_id")):
+        if specials[flag] and specials[key] is None:
+            raise CheckpointError(f"tokenizer.ggml.{flag}_token is true, but tokenizer.ggml."
+                                  f"{key[:3]}_token_id is not set", path)
+    tok.post_processor = bos_eos_template(tok, specials["bos_id"], specials["eos_id"], specials["add_bos"],
+                                          specials["add_eos"])
+    return tok, specials
+

@@ -1,0 +1,199 @@
+"""Hugging Face model directories -> our `LlamaForCausalLM` (and its tokenizer), without transformers.
+
+A directory saved by `save_pretrained` holds `config.json` and the weights in one of four layouts:
+
+    model.safetensors                     one safetensors file
+    model.safetensors.index.json          {"weight_map": {tensor name: shard file}} + the shards
+    pytorch_model.bin                     one torch.save'd state dict (a zip of pickles)
+    pytorch_model.bin.index.json          the same, sharded
+
+Our parameter names are Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, ...), so loading is
+one loop with no renaming table. The model is built on the meta device (shapes only, no memory, no
+random init) and each checkpoint tensor becomes its parameter in turn, cast alone: a same-dtype tensor
+is used as is, still a view of the memory-mapped file, so a 5 GB checkpoint costs about 5 GB and no
+copy. Every name and shape is checked against the config; errors name the file, the tensor, the
+expected and the found shape.
+
+References:
+1) transformers' checkpoint layout: https://huggingface.co/docs/transformers/main_classes/model
+2) PyTorch, "meta device", https://pytorch.org/docs/stable/meta.html
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..config import LlamaConfig
+from ..errors import CheckpointError, ConfigError
+from ..model import LlamaForCausalLM, rope_inv_freq
+from .safetensors import SafetensorsFile
+from .torch_bin import load_torch_bin
+
+PathLike = Union[str, os.PathLike]
+
+# In the order transformers looks for them.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Tensors some checkpoints carry that are not weights: older transformers saved RoPE's frequencies
+# (we recompute them from the config).
+HARMLESS_EXTRA = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def load_pretrained(path: PathLike, adapters: Iterable[PathLike] = (), dtype: torch.dtype = torch.float32,
+                    device: Union[str, torch.device] = "cpu"):
+    """A Hugging Face model directory or a `.gguf` file -> (LlamaForCausalLM in eval mode, Tokenizer).
+
+    adapters: PEFT LoRA adapter directories, merged into the weights in the given order (LLM2Vec's
+    MNTP adapter, then its SimCSE adapter on top).
+    """
+    from .peft import merge_adapter
+
+    if isinstance(adapters, (str, os.PathLike)):
+        adapters = [adapters]
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import load_gguf
+        model, tokenizer = load_gguf(path, dtype=dtype)
+        model.to(device)
+    elif path.is_dir():
+        from ..tokenizer import Tokenizer  # lazily: tokenizers is only needed here
+        config = read_config(path)
+        tokenizer = Tokenizer.from_dir(path, config)  # before the weights: a bad tokenizer fails fast
+        model = load_hf_model(path, config, dtype=dtype, device=device)
+    else:
+        raise CheckpointError("neither a Hugging Face model directory nor a .gguf file", path)
+    for adapter in adapters:
+        merge_adapter(model, adapter)
+    return model, tokenizer
+
+
+def read_config(model_dir: PathLike) -> LlamaConfig:
+    """`config.json` of a model directory -> LlamaConfig (CheckpointError if absent or not JSON)."""
+    path = Path(model_dir) / "config.json"
+    hf = read_json(path)
+    try:
+        return LlamaConfig.from_hf_config(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def load_hf_model(model_dir: PathLike, config: Optional[LlamaConfig] = None,
+                  dtype: torch.dtype = torch.float32,
+                  device: Union[str, torch.device] = "cpu") -> LlamaForCausalLM:
+    """The weights of a Hugging Face directory in our LlamaForCausalLM (eval mode), tensor by tensor."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir) if config is None else config
+    weights, shards = find_weights(model_dir)
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)  # shapes only: no memory, no random init
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied = config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight")  # the same tensor as embed_tokens.weight
+
+    seen: Dict[str, Path] = {}
+    for shard, listed in shards.items():
+        found = set()
+        for name, tensor in _tensors(shard):
+            found.add(name)
+            if HARMLESS_EXTRA.fullmatch(name) or (tied and name == "lm_head.weight"):
+                continue  # not a weight we keep
+            if name not in expected:
+                raise CheckpointError(f"unexpected tensor {name!r} (not a parameter of a Llama with "
+                                      f"this config)", shard)
+            if name in seen:
+                raise CheckpointError(f"tensor {name!r} is stored twice (also in {seen[name].name})",
+                                      shard)
+            if tuple(tensor.shape) != expected[name]:
+                raise CheckpointError(f"tensor {name!r}: expected shape {expected[name]} from "
+                                      f"config.json, found {tuple(tensor.shape)}", shard)
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"tensor {name!r}: expected floating-point weights, found "
+                                      f"{tensor.dtype}", shard)
+            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))  # one cast at a time
+            seen[name] = shard
+        absent = sorted(set(listed) - found)
+        if absent:
+            raise CheckpointError(f"the index lists {len(absent)} tensors in {shard.name} that it "
+                                  f"does not hold, e.g. {absent[0]!r}", weights)
+
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        shapes = ", ".join(f"{n!r} {expected[n]}" for n in missing[:3])
+        raise CheckpointError(f"{len(missing)} tensors missing: {shapes}"
+                              f"{', ...' if len(missing) > 3 else ''}", weights)
+    if tied:  # one Parameter under two names, as LlamaForCausalLM.__init__ ties them
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # RoPE's frequencies are a buffer computed in __init__: on meta they are empty, so recompute.
+    model.model.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
+    return model.eval()
+
+
+def find_weights(model_dir: Path) -> Tuple[Path, Dict[Path, List[str]]]:
+    """The weights file (or index) of a directory and its shards -> names the index puts in each."""
+    for filename in WEIGHT_FILES:
+        path = model_dir / filename
+        if path.is_file():
+            break
+    else:
+        raise CheckpointError(f"no weights found (looked for {', '.join(WEIGHT_FILES)})", model_dir)
+    if not filename.endswith(".index.json"):
+        return path, {path: []}
+
+    index = read_json(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError("an index needs a non-empty object 'weight_map': {tensor: shard file}",
+                              path)
+    shards: Dict[Path, List[str]] = {}
+    for name, shard_name in weight_map.items():
+        # A shard is a plain file name beside the index: never a path that leaves the directory.
+        if not isinstance(shard_name, str) or shard_name in ("", ".", "..") or \
+                Path(shard_name).name != shard_name or "\\" in shard_name:
+            raise CheckpointError(f"tensor {name!r}: invalid shard file name {shard_name!r}", path)
+        shard = model_dir / shard_name
+        if not shard.is_file():
+            raise CheckpointError(f"tensor {name!r}: shard {shard_name!r} does not exist", path)
+        shards.setdefault(shard, []).append(name)
+    return path, shards
+
+
+def _tensors(shard: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of one weights file, memory-mapped, one at a time."""
+    if shard.name.endswith(".safetensors"):
+        with SafetensorsFile(shard) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        state = load_torch_bin(shard)
+        for name in list(state):
+            yield name, state.pop(name)  # drop our reference as we go
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Make `tensor` the parameter `name` (replacing the meta placeholder; no copy)."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+
+
+def read_json(path: Path):
+    """A JSON file's content; CheckpointError naming the file if it is absent or not JSON."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError("file not found", path) from e
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"not a valid JSON file ({e})", path) from e

@@ -1,0 +1,88 @@
+"""`.bin` checkpoints: state dicts read back exactly, and pickles that would run code refused unrun."""
+
+import pickle
+
+import pytest
+import torch
+
+from llm2vec_mini.convert.torch_bin import load_torch_bin
+from llm2vec_mini.errors import CheckpointError
+
+
+def state_dict():
+    g = torch.Generator().manual_seed(0)
+    return {"model.embed_tokens.weight": torch.randn(10, 4, generator=g),
+            "model.norm.weight": torch.randn(4, generator=g).to(torch.bfloat16),
+            "step": torch.tensor(3, dtype=torch.int64)}
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_state_dict_round_trip(tmp_path, zip_format):
+    sd = state_dict()
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
+    loaded = load_torch_bin(path)
+    assert sorted(loaded) == sorted(sd)
+    for name, t in sd.items():
+        assert loaded[name].dtype == t.dtype and loaded[name].device.type == "cpu"
+        torch.testing.assert_close(loaded[name], t, rtol=0, atol=0)
+
+
+class _MakesAFile:
+    """Unpickling this calls open(marker, "w"): what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_code_running_pickle_in_a_zip_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    torch.save({"w": torch.zeros(2), "evil": _MakesAFile(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.bin: refused.*GLOBAL [\w.]*open"):
+        load_torch_bin(path)
+    assert not marker.exists(), "loading ran code from the file"
+
+
+def test_code_running_raw_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps({"w": _MakesAFile(marker)}, protocol=2))
+    with pytest.raises(CheckpointError, match="evil.bin"):
+        load_torch_bin(path)
+    assert not marker.exists(), "loading ran code from the file"
+    pickle.loads(path.read_bytes())  # the control: a plain unpickler does run the payload
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("payload,match", [
+    ([torch.zeros(2)], "found a list"),
+    (torch.zeros(2), "found a Tensor"),
+    ({"w": 1.5}, "tensor 'w'.*found a float"),
+    ({"state_dict": {"w": torch.zeros(2)}}, "tensor 'state_dict'.*found a dict"),
+    ({3: torch.zeros(2)}, "keys must be strings"),
+])
+def test_payload_must_be_a_flat_dict_of_tensors(tmp_path, payload, match):
+    path = tmp_path / "odd.bin"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_torch_bin(path)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_garbage_and_missing_files(tmp_path):
+    good = tmp_path / "good.bin"
+    torch.save(state_dict(), good)
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"this is not a checkpoint at all" * 10)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    for path in (cut, garbage, empty, tmp_path / "missing.bin"):
+        with pytest.raises(CheckpointError) as err:
+            load_torch_bin(path)
+        assert str(path) in str(err.value)
