@@ -1,0 +1,113 @@
+"""The trainer: bit-identical resume, DDP equivalence, and a clear stop on a non-finite loss."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm2vec_mini import ConfigError, LlamaConfig, LlamaForCausalLM, TrainingError
+from llm2vec_mini.convert.safetensors import load_file
+from llm2vec_mini.lora import add_lora
+from llm2vec_mini.mntp import MNTPCollator
+from llm2vec_mini.train import MNTPTask, SimCSETask, TrainConfig, latest_checkpoint, train
+
+HERE = Path(__file__).resolve().parent
+
+
+def reinit_lora(model, seed):
+    """A different LoRA init on the same base (a resumed run must overwrite it)."""
+    if seed:
+        torch.manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+def mntp_task(seed=0):
+    torch.manual_seed(0)
+    model = add_lora(LlamaForCausalLM(LlamaConfig.tiny()).set_causal(False), r=4, alpha=8, dropout=0.1)
+    reinit_lora(model, seed)
+    blocks = torch.randint(3, 256, (40, 16), generator=torch.Generator().manual_seed(1))
+    return MNTPTask(model, blocks, MNTPCollator(mask_id=5, vocab_size=256, special_ids=[0, 1, 2]))
+
+
+def simcse_task(seed=0):
+    torch.manual_seed(0)
+    model = add_lora(LlamaForCausalLM(LlamaConfig.tiny(attention_dropout=0.3)).set_causal(False),
+                     r=4, alpha=8, dropout=0.1)
+    reinit_lora(model, seed)
+    gen = torch.Generator().manual_seed(2)
+    sentences = [torch.randint(3, 256, (int(n),), generator=gen).tolist()
+                 for n in torch.randint(2, 10, (30,), generator=gen)]
+    return SimCSETask(model, sentences, pad_id=2)
+
+
+def adapter(path):
+    return load_file(Path(path) / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("make", [mntp_task, simcse_task])
+def test_resume_is_bit_identical(tmp_path, make):
+    cfg = dict(steps=6, batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=2, checkpoint_every=3,
+               progress=False)
+    train(make(), TrainConfig(**cfg), tmp_path / "full")
+    train(make(), TrainConfig(**cfg), tmp_path / "split", stop_after=3)
+    assert latest_checkpoint(tmp_path / "split").name == "checkpoint-3"
+    assert not (tmp_path / "split" / "adapter_model.safetensors").exists()
+    train(make(seed=99), TrainConfig(**cfg), tmp_path / "split", resume=True)  # LoRA init replaced
+    a, b = adapter(tmp_path / "full"), adapter(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6  # nothing logged twice
+    assert all(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # training did something
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    task = mntp_task()
+    forward = task.forward
+    calls = {"n": 0}
+
+    def poisoned(batch):
+        calls["n"] += 1
+        loss = forward(batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    task.forward = poisoned
+    with pytest.raises(TrainingError, match="step 3.*checkpoint-2"):
+        train(task, TrainConfig(steps=5, batch_size=2, checkpoint_every=1, progress=False), tmp_path)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-2"
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="grad_accum"):
+        TrainConfig(batch_size=5, grad_accum=2).validate()
+    with pytest.raises(ConfigError, match="bf16"):
+        TrainConfig(bf16=True, device="cpu").validate()
+    with pytest.raises(ConfigError, match="LoRA"):
+        train(MNTPTask(LlamaForCausalLM(LlamaConfig.tiny()), torch.zeros(4, 8, dtype=torch.long),
+                       MNTPCollator(5, 256)), TrainConfig(steps=1, batch_size=1, progress=False), tmp_path)
+
+
+@pytest.mark.parametrize("task", ["mntp", "simcse"])
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, task):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    worker = str(HERE / "ddp_worker.py")
+    one = subprocess.run([sys.executable, worker, task, "8", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone", worker, task, "4", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    moved = max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k)
+    assert moved > 1e-3  # the steps were real
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
