@@ -35,7 +35,7 @@ $(REF_VENV)/.stamp: requirements-ref.txt
 	touch $@
 
 test-reference: setup model reference-setup
-	$(PY) -m pytest tests/reference $(PYTEST_ARGS)
+	LLM2VEC_MINI_REFERENCE=1 $(PY) -m pytest tests/reference $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) .pytest_cache build *.egg-info
