@@ -82,3 +82,44 @@ def sts_dev_texts():
 # tests/reference compares against the official llm2vec in .venv-ref; `make test-reference` runs it
 # with LLM2VEC_MINI_REFERENCE=1. Without that variable `pytest tests` does not collect it.
 collect_ignore = [] if os.environ.get("LLM2VEC_MINI_REFERENCE") == "1" else ["reference"]
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny Llama with the real Llama-2 vocabulary, as a Hugging Face directory written by transformers.
+
+def write_tokenizer_dir(tokenizer, folder: Path) -> Path:
+    """Our Tokenizer saved with BPE merges as "a b" strings, which transformers 4.x can also read."""
+    import json as _json
+    tokenizer.save(folder)
+    file = folder / "tokenizer.json"
+    data = _json.loads(file.read_text(encoding="utf-8"))
+    merges = data["model"].get("merges") or []
+    if merges and isinstance(merges[0], list):
+        data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+        file.write_text(_json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer():
+    from llm2vec_mini.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(shared_data_dir() / "tokenizers" / "ggml-vocab-llama-spm.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llama2_tokenizer) -> Path:
+    """transformers' LlamaForCausalLM (2 layers, GQA, random N(0, 0.1) weights), Llama-2 tokenizer."""
+    import transformers
+    from llm2vec_mini import LlamaConfig
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    cfg = LlamaConfig.tiny(vocab_size=32000, pad_token_id=None)
+    torch.manual_seed(1234)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_config()))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.1)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0).add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    return write_tokenizer_dir(llama2_tokenizer, folder)

@@ -197,3 +197,40 @@ def read_json(path: Path):
         raise CheckpointError("file not found", path) from e
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"not a valid JSON file ({e})", path) from e
+
+
+def save_hf_dir(model: nn.Module, tokenizer, out_dir: PathLike, legacy_merges: bool = True) -> Path:
+    """Write a Hugging Face directory: config.json, model.safetensors, tokenizer files.
+
+    `model` is a LlamaForCausalLM or a bare LlamaModel (saved under `model.` names, with a tied
+    lm_head, so transformers loads it as a LlamaForCausalLM). `legacy_merges` writes BPE merges as
+    "a b" strings, the form older `tokenizers` (and so transformers 4.x) can read.
+    """
+    from .safetensors import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    decoder = getattr(model, "model", model)
+    config = decoder.config.replace(causal=True)
+    state = {f"model.{k}": v for k, v in decoder.state_dict().items()}
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is None or lm_head.weight is decoder.embed_tokens.weight:
+        config = config.replace(tie_word_embeddings=True)  # transformers re-ties on load
+    else:
+        state["lm_head.weight"] = lm_head.weight
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    hf_config = config.to_hf_config()
+    hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    tokenizer.save(out)
+    if legacy_merges:
+        tok_file = out / "tokenizer.json"
+        data = json.loads(tok_file.read_text(encoding="utf-8"))
+        merges = data.get("model", {}).get("merges")
+        if merges and isinstance(merges[0], list):
+            if any(" " in a or " " in b for a, b in merges):
+                raise CheckpointError("a BPE merge contains a space; it cannot be written as 'a b'", tok_file)
+            data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+            tok_file.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return out

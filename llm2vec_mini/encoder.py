@@ -1,0 +1,204 @@
+"""The LLM2Vec encoder: texts (optionally with an instruction) in, one vector per text out.
+
+    embedding = pool( LlamaModel_bidirectional( [bos] + instruction + text ), over the text tokens )
+
+The semantics are the official library's (llm2vec 0.2.3, `LLM2Vec.encode`), so that the same weights
+give the same embeddings:
+  * a text is a string, or an `[instruction, text]` pair; they are joined as
+    `instruction.strip() + " " + text` and the model attends to all of it, but with
+    `skip_instruction` only the text's tokens are pooled (the "embed mask"): the last n positions,
+    n being the token count of the text tokenised alone;
+  * the text is cut at word boundaries until it has at most `doc_max_length` tokens, and the whole
+    input to at most `max_length` tokens;
+  * pad = eos, padding on the left; `eos_token` pooling appends the eos token to the text.
+Two deliberate differences: we batch sentences by token count, not character count (results do not
+depend on batching; this only wastes less padding), and an empty text is pooled over its whole input
+(bos and instruction), where the official library also averages the batch's padding.
+
+References:
+1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2 and Appendix C
+2) The official implementation, https://github.com/McGill-NLP/llm2vec (`llm2vec/llm2vec.py`, v0.2.3)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .pooling import POOLING_MODES, pool
+
+SEPARATOR = "!@#$%^&*()"  # the official marker between instruction and text
+CONFIG_FILE = "llm2vec_config.json"
+DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True,
+            "bidirectional": True}
+
+
+class LLM2Vec:
+    """A bidirectional (or causal) LlamaModel plus a tokenizer and a pooling rule."""
+
+    def __init__(self, model, tokenizer, pooling: str = "mean", bidirectional: bool = True,
+                 max_length: int = 512, doc_max_length: int = 400, skip_instruction: bool = True,
+                 device=None):
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling: unknown mode {pooling!r}; choose from {', '.join(POOLING_MODES)}")
+        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.model = getattr(model, "model", model)  # the LlamaModel; lm_head is not needed here
+        self._full_model = model  # kept so that `save` writes an untied lm_head too
+        self.tokenizer = tokenizer
+        self.pooling, self.max_length, self.doc_max_length = pooling, max_length, doc_max_length
+        self.skip_instruction = skip_instruction
+        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has no eos (or pad) token to pad with")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device).eval().set_causal(not bidirectional)
+
+    @property
+    def bidirectional(self) -> bool:
+        return not self.model.causal
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @classmethod
+    def from_pretrained(cls, path, adapters: Sequence = (), pooling: Optional[str] = None,
+                        bidirectional: Optional[bool] = None, max_length: Optional[int] = None,
+                        doc_max_length: Optional[int] = None, skip_instruction: Optional[bool] = None,
+                        dtype: torch.dtype = torch.float32, device=None) -> "LLM2Vec":
+        """Load an HF directory or a `.gguf` file, merge PEFT `adapters` in order (MNTP first).
+
+        Settings left as None come from an `llm2vec_config.json` beside the weights or in the last
+        adapter (what `save` writes), else the defaults: mean pooling, bidirectional, max_length 512,
+        doc_max_length 400, skip_instruction True. `device=None` means CUDA when available.
+        """
+        from .convert.hf import load_pretrained
+
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        model, tokenizer = load_pretrained(path, adapters=adapters, dtype=dtype)
+        settings = dict(DEFAULTS)
+        for where in [Path(path)] + [Path(a) for a in adapters]:
+            if (where / CONFIG_FILE).is_file():
+                settings.update(json.loads((where / CONFIG_FILE).read_text()))
+        given = {"pooling_mode": pooling, "bidirectional": bidirectional, "max_length": max_length,
+                 "doc_max_length": doc_max_length, "skip_instruction": skip_instruction}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        return cls(model, tokenizer, pooling=settings["pooling_mode"],
+                   bidirectional=settings["bidirectional"], max_length=settings["max_length"],
+                   doc_max_length=settings["doc_max_length"],
+                   skip_instruction=settings["skip_instruction"], device=device)
+
+    def settings(self) -> dict:
+        return {"pooling_mode": self.pooling, "max_length": self.max_length,
+                "doc_max_length": self.doc_max_length, "skip_instruction": self.skip_instruction,
+                "bidirectional": self.bidirectional}
+
+    def save(self, out_dir) -> Path:
+        """Write an HF directory (weights, config, tokenizer) plus `llm2vec_config.json`."""
+        from .convert.hf import save_hf_dir
+
+        out = save_hf_dir(self._full_model, self.tokenizer, out_dir)
+        (out / CONFIG_FILE).write_text(json.dumps(self.settings(), indent=2) + "\n")
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    # Texts -> token ids and masks
+
+    def _n_tokens(self, text: str) -> int:
+        return min(len(self.tokenizer.encode(text, add_special_tokens=False)), self.max_length)
+
+    def _truncate_words(self, text: str) -> str:
+        """Drop words from the end until the text has at most doc_max_length tokens (official rule)."""
+        n = self._n_tokens(text)
+        while n > self.doc_max_length:
+            words = text.split()
+            text = " ".join(words[: int(len(words) * self.doc_max_length / n)])
+            n = self._n_tokens(text)
+        return text
+
+    def _join(self, instruction: str, text: str) -> tuple[str, str]:
+        """-> (what the model reads, the text part that is pooled)."""
+        text = self._truncate_words(text)
+        joined = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
+        if self.pooling == "eos_token":  # the eos token becomes the text's last token
+            joined = f"{joined.strip()} {self.tokenizer.id_to_token(self.tokenizer.eos_id)}"
+        parts = joined.split(SEPARATOR)
+        return "".join(parts), (parts[1] if len(parts) > 1 else "")
+
+    def _tokenize(self, full: str, text: str) -> tuple[list[int], int]:
+        """Token ids of the whole input (specials included, cut to max_length) and the pooled count."""
+        tok = self.tokenizer
+        content = tok.encode(full, add_special_tokens=False)
+        room = self.max_length - int(tok.add_bos and tok.bos_id is not None) - int(
+            tok.add_eos and tok.eos_id is not None)
+        ids = tok._wrap(content[:max(room, 0)])
+        return ids, min(self._n_tokens(text), len(ids))
+
+    def prepare(self, sentences) -> list[tuple[list[int], int]]:
+        """Validate inputs and tokenise: one (ids, n_pooled) per sentence."""
+        out = []
+        for i, item in enumerate(sentences):
+            if isinstance(item, str):
+                instruction, text = "", item
+            elif (isinstance(item, (list, tuple)) and len(item) == 2
+                  and all(isinstance(x, str) for x in item)):
+                instruction, text = item
+            else:
+                raise ValueError(f"sentences[{i}] must be a string or an [instruction, text] pair of "
+                                 f"two strings, got {item!r:.80}")
+            out.append(self._tokenize(*self._join(instruction, text)))
+        return out
+
+    def collate(self, items: list[tuple[list[int], int]]):
+        """Left-pad a batch: input_ids, attention_mask, embed_mask, each (B, T)."""
+        T = max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), T), self.pad_id, dtype=torch.long)
+        attention = torch.zeros(len(items), T, dtype=torch.long)
+        embed = torch.zeros(len(items), T, dtype=torch.long)
+        for b, (ids, n_text) in enumerate(items):
+            input_ids[b, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[b, T - len(ids):] = 1
+            # the text's tokens are the last ones; an empty text pools the whole input instead (the
+            # official library then averages the padding too, which makes it depend on the batch)
+            embed[b, T - (n_text or len(ids)):] = 1
+        return input_ids, attention, embed
+
+    # ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, sentences, batch_size: int = 32, normalize: bool = False,
+               convert_to: str = "numpy", show_progress_bar: Optional[bool] = None
+               ) -> Union[np.ndarray, torch.Tensor]:
+        """Embed strings or [instruction, text] pairs: returns (N, hidden) float32, in input order."""
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
+        items = self.prepare(list(sentences))
+        out = torch.zeros(len(items), self.hidden_size, dtype=torch.float32)
+        order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))  # longest first
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        if show_progress_bar is None:
+            show_progress_bar = len(batches) > 4 and sys.stderr.isatty()
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, desc="encode", unit="batch")
+        self.model.eval()
+        for idx in batches:
+            input_ids, attention, embed = (t.to(self.device) for t in self.collate([items[i] for i in idx]))
+            hidden = self.model(input_ids, attention)  # (B, T, H)
+            pooled_over = embed if self.skip_instruction else attention
+            out[idx] = pool(hidden, attention, pooled_over, self.pooling).float().cpu()
+        if normalize:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return out.numpy() if convert_to == "numpy" else out

@@ -1,0 +1,148 @@
+"""LLM2Vec.encode against a reference built by hand from transformers' model and tokenizer.
+
+The live comparison with the official llm2vec library is in tests/reference/ (its own venv); here the
+reference is transformers 5 plus the official rules written out in the test: join instruction and
+text with a space, pool the last n positions where n is the text's own token count.
+"""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from llm2vec_mini.encoder import LLM2Vec
+
+TEXTS = ["A man is playing a guitar.", "Two dogs run on the beach, chasing a red ball!",
+         "Hi", "The quick brown fox jumps over the lazy dog near the river bank at dawn.",
+         "Stocks fell sharply on Monday.", "", "A woman slices an onion."]
+INSTRUCTION = "Retrieve semantically similar text:"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = transformers.LlamaModel.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32).eval()
+    return tok, model
+
+
+def hand_embedding(reference, instruction, text, mode="mean", bidirectional=True):
+    """One sentence, no padding: the official rules applied by hand on transformers' model."""
+    tok, model = reference
+    full = f"{instruction.strip()} {text}" if instruction else text
+    if mode == "eos_token":
+        full, text = f"{full.strip()} </s>", f"{text.strip()} </s>" if not instruction else f"{text} </s>"
+    ids = tok(full, add_special_tokens=True)["input_ids"]
+    n_text = len(tok(text, add_special_tokens=False)["input_ids"])
+    T = len(ids)
+    kwargs = {"attention_mask": torch.zeros(1, 1, T, T)} if bidirectional else {}
+    with torch.no_grad():
+        h = model(input_ids=torch.tensor([ids]), **kwargs).last_hidden_state[0]  # (T, H)
+    if mode == "mean":
+        return (h[T - n_text:] if n_text else h).mean(0)
+    if mode == "weighted_mean":
+        w = torch.arange(1, n_text + 1, dtype=torch.float32)
+        return (h[T - n_text:] * (w / w.sum())[:, None]).sum(0)
+    if mode in ("eos_token", "last_token"):
+        return h[-1]
+    return h[0]  # bos_token
+
+
+def assert_close_rows(got, expected, tol=1e-5):
+    got, expected = torch.as_tensor(got), torch.stack(expected)
+    cos = torch.nn.functional.cosine_similarity(got, expected, dim=-1)
+    assert (1 - cos).max() <= tol, (1 - cos).max()
+    assert (got - expected).abs().max() <= 2e-4 * expected.abs().max()
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_llama_dir):
+    return LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+
+
+@pytest.mark.parametrize("with_instruction", [False, True])
+def test_mean_pooling_matches_hand_reference(encoder, reference, with_instruction):
+    instruction = INSTRUCTION if with_instruction else ""
+    inputs = [[instruction, t] for t in TEXTS] if with_instruction else TEXTS
+    got = encoder.encode(inputs, batch_size=3)
+    assert got.shape == (len(TEXTS), 64) and got.dtype == np.float32
+    assert_close_rows(got, [hand_embedding(reference, instruction, t) for t in TEXTS if True])
+
+
+@pytest.mark.parametrize("mode", ["weighted_mean", "eos_token", "last_token", "bos_token"])
+def test_other_pooling_modes_match_hand_reference(tiny_llama_dir, reference, mode):
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, pooling=mode, device="cpu")
+    texts = [t for t in TEXTS if t]
+    got = enc.encode([[INSTRUCTION, t] for t in texts], batch_size=4)
+    assert_close_rows(got, [hand_embedding(reference, INSTRUCTION, t, mode) for t in texts])
+
+
+def test_causal_mode_matches_hand_reference(tiny_llama_dir, reference):
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, bidirectional=False, device="cpu")
+    got = enc.encode(TEXTS[:4], batch_size=2)
+    assert_close_rows(got, [hand_embedding(reference, "", t, bidirectional=False) for t in TEXTS[:4]])
+
+
+def test_batch_size_does_not_change_results_and_order_is_kept(encoder):
+    one = encoder.encode(TEXTS, batch_size=1)
+    seven = encoder.encode(TEXTS, batch_size=7, convert_to="torch")
+    assert isinstance(seven, torch.Tensor)
+    np.testing.assert_allclose(one, seven.numpy(), atol=1e-5, rtol=1e-5)
+    reversed_ = encoder.encode(TEXTS[::-1], batch_size=3)
+    np.testing.assert_allclose(reversed_[::-1], one, atol=1e-5, rtol=1e-5)
+
+
+def test_normalize_gives_unit_vectors(encoder):
+    got = encoder.encode(TEXTS[:3], normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+
+
+def test_empty_list_and_single_string(encoder):
+    assert encoder.encode([]).shape == (0, 64)
+    assert encoder.encode("one text").shape == (1, 64)
+
+
+def test_long_text_is_truncated_to_the_limits(tiny_llama_dir, reference):
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, max_length=24, doc_max_length=12, device="cpu")
+    long_text = " ".join(["word"] * 200 + ["tail"])
+    (ids, n_text), = enc.prepare([[INSTRUCTION, long_text]])
+    tok = reference[0]
+    assert len(ids) <= 24 and n_text <= 12
+    # the text was cut at word boundaries to at most 12 tokens, and those are what is pooled
+    assert n_text == len(tok(" ".join(["word"] * n_text), add_special_tokens=False)["input_ids"])
+    assert np.isfinite(enc.encode([[INSTRUCTION, long_text], "x" * 5000])).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([["only one"]], r"sentences\[0\]"),
+    (["fine", 3], r"sentences\[1\]"),
+    ([["a", 1]], r"sentences\[0\]"),
+    ([("a", "b", "c")], r"sentences\[0\]"),
+])
+def test_bad_items_name_the_item(encoder, bad, match):
+    with pytest.raises(ValueError, match=match):
+        encoder.encode(bad)
+
+
+def test_bad_arguments(tiny_llama_dir, encoder):
+    with pytest.raises(ValueError, match="batch_size"):
+        encoder.encode(["a"], batch_size=0)
+    with pytest.raises(ValueError, match="convert_to"):
+        encoder.encode(["a"], convert_to="list")
+    with pytest.raises(ValueError, match="pooling"):
+        LLM2Vec.from_pretrained(tiny_llama_dir, pooling="max", device="cpu")
+
+
+def test_save_and_load_back_keep_weights_and_settings(tiny_llama_dir, tmp_path):
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, pooling="weighted_mean", doc_max_length=100,
+                                  device="cpu")
+    before = enc.encode(TEXTS[:3])
+    enc.save(tmp_path / "saved")
+    back = LLM2Vec.from_pretrained(tmp_path / "saved", device="cpu")
+    assert back.settings() == enc.settings()
+    np.testing.assert_allclose(back.encode(TEXTS[:3]), before, atol=1e-6, rtol=1e-6)
+    # and transformers reads the saved directory as the same model
+    ref = transformers.LlamaModel.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.tensor([[1, 450, 4996, 17354]])
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=ids).last_hidden_state,
+                                   back.model.set_causal(True)(ids), atol=1e-5, rtol=1e-5)
