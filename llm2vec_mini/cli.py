@@ -1,25 +1,142 @@
-"""The command line: `python -m llm2vec_mini COMMAND ...`.
+"""The command line: `python -m llm2vec_mini COMMAND ...`; `--help` on any command lists its options.
 
-Each subcommand is a thin layer over the package's Python API; `--help` on any of them lists its options.
+    download smollm2      fetch the real model into the local cache, print its path
+    encode                texts (one per line) -> embeddings (.npy)
+    eval-sts              STS-B / SemEval / SICK: Spearman and Pearson x 100 on cosine similarity
+    eval-probe            a linear UPOS probe on frozen token states (word-level quality)
+    train-mntp            LLM2Vec step 2: a LoRA adapter trained with masked next-token prediction
+    train-simcse          LLM2Vec step 3: a LoRA adapter trained with unsupervised SimCSE
+    demo                  the main job (`make demo`)
+
+Each command is a thin layer over the Python API of the module that does the work.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+from .errors import Llm2VecMiniError
+
+
+def _encoder(args):
+    from .encoder import LLM2Vec
+    return LLM2Vec.from_pretrained(args.model, adapters=args.adapter, pooling=args.pooling,
+                                   bidirectional=not args.causal, device=args.device)
+
+
+def _with_instruction(texts, instruction):
+    return [[instruction, t] for t in texts] if instruction else texts
 
 
 def _cmd_download(args) -> int:
     from . import hub
-    if args.name != "smollm2":
-        raise SystemExit(f"unknown model {args.name!r}; available: smollm2")
     print(hub.download_smollm2(cache_dir=args.cache_dir))
+    return 0
+
+
+def _cmd_encode(args) -> int:
+    import numpy as np
+
+    from .data import read_lines
+    texts = read_lines(args.input, skip_empty=False)
+    emb = _encoder(args).encode(_with_instruction(texts, args.instruction), batch_size=args.batch_size,
+                                normalize=args.normalize)
+    np.save(args.output, emb)
+    print(f"{len(texts)} texts -> {args.output} {emb.shape}")
+    return 0
+
+
+def _cmd_eval_sts(args) -> int:
+    from .data import load_sts
+    from .evaluate import evaluate_sts, format_table
+    subsets = load_sts(args.data, format=args.format)
+    enc = _encoder(args)
+    results = evaluate_sts(lambda s: enc.encode(_with_instruction(s, args.instruction),
+                                                batch_size=args.batch_size), subsets)
+    print(format_table(results))
+    if args.output:
+        settings = {"model": str(args.model), "adapters": [str(a) for a in args.adapter],
+                    "data": str(args.data), **enc.settings(), "instruction": args.instruction}
+        Path(args.output).write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+    return 0
+
+
+def _cmd_eval_probe(args) -> int:
+    from .convert.hf import load_pretrained
+    from .probe import probe_main
+    model, tokenizer = load_pretrained(args.model, adapters=args.adapter)
+    model.set_causal(args.causal)
+    result = probe_main(model, tokenizer, args.train, args.test, args.mode, args.max_sentences)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _train_config(args, **extra):
+    from .train import TrainConfig
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every,
+                       gradient_checkpointing=args.gradient_checkpointing, device=args.device or "cpu",
+                       bf16=args.bf16, extra=extra)
+
+
+def _cmd_train_mntp(args) -> int:
+    from .recipes import train_mntp
+    cfg = _train_config(args, block_size=args.block_size, mask_ratio=args.mask_ratio,
+                        all_mask=args.all_mask)
+    out = train_mntp(args.model, args.data, args.output, cfg, lora=(args.lora_r, args.lora_alpha,
+                                                                     args.lora_dropout),
+                     resume=args.resume, max_blocks=args.max_blocks)
+    print(out)
+    return 0
+
+
+def _cmd_train_simcse(args) -> int:
+    from .recipes import train_simcse
+    cfg = _train_config(args, max_length=args.max_length, attention_dropout=args.attention_dropout,
+                        scale=args.scale, pooling=args.pooling)
+    out = train_simcse(args.model, args.adapter, args.data, args.output, cfg,
+                       lora=(args.lora_r, args.lora_alpha, args.lora_dropout), resume=args.resume,
+                       max_sentences=args.max_sentences)
+    print(out)
     return 0
 
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args)
+
+
+def _model_args(p, pooling=True):
+    p.add_argument("--model", required=True, help="a Hugging Face directory or a .gguf file")
+    p.add_argument("--adapter", action="append", default=[], help="a PEFT adapter dir (repeat; in order)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    if pooling:
+        p.add_argument("--pooling", default="mean",
+                       choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
+        p.add_argument("--causal", action="store_true", help="keep causal attention (the paper's Uni)")
+        p.add_argument("--instruction", default="", help="an instruction put before every text")
+        p.add_argument("--batch-size", type=int, default=32)
+
+
+def _train_args(p, steps, batch, lr):
+    p.add_argument("--output", required=True, help="the adapter directory to write")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +149,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="default: $LLM2VEC_MINI_CACHE or ~/.cache/llm2vec_mini")
     p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser("demo", help="the main job: causal vs bidirectional on a model, step by step")
+    p = sub.add_parser("encode", help="embed the lines of a text file into a .npy array")
+    _model_args(p)
+    p.add_argument("--input", required=True, help="a UTF-8 text file, one text per line")
+    p.add_argument("--output", required=True, help="where to write the (N, hidden) float32 .npy")
+    p.add_argument("--normalize", action="store_true")
+    p.set_defaults(func=_cmd_encode)
+
+    p = sub.add_parser("eval-sts", help="score STS data: Spearman/Pearson x 100 on cosine similarity")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="an STS-B csv, a SemEval STS folder or a SICK file")
+    p.add_argument("--format", default="auto", choices=["auto", "stsb", "semeval", "sick"])
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.set_defaults(func=_cmd_eval_sts)
+
+    p = sub.add_parser("eval-probe", help="a linear UPOS probe on frozen token representations")
+    _model_args(p, pooling=False)
+    p.add_argument("--causal", action="store_true", help="keep causal attention (the paper's Uni)")
+    p.add_argument("--train", required=True, help="CoNLL-U file to train the probe on")
+    p.add_argument("--test", required=True, help="CoNLL-U file to score it on")
+    p.add_argument("--mode", default="first", choices=["first", "next_token"],
+                   help="a word's first sub-token, or the position before it (official next_token)")
+    p.add_argument("--max-sentences", type=int, default=None)
+    p.set_defaults(func=_cmd_eval_probe)
+
+    p = sub.add_parser("train-mntp", help="LLM2Vec step 2: masked next-token prediction (LoRA)")
+    _model_args(p, pooling=False)
+    p.add_argument("--data", required=True, nargs="+", help="text files (one paragraph per line)")
+    _train_args(p, steps=1000, batch=32, lr=5e-5)
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--mask-ratio", type=float, default=0.2)
+    p.add_argument("--all-mask", action="store_true", help="always the mask token (no 80/10/10)")
+    p.add_argument("--max-blocks", type=int, default=None, help="use at most this many blocks")
+    p.set_defaults(func=_cmd_train_mntp)
+
+    p = sub.add_parser("train-simcse", help="LLM2Vec step 3: unsupervised SimCSE (LoRA)")
+    p.add_argument("--model", required=True, help="a Hugging Face directory or a .gguf file")
+    p.add_argument("--adapter", action="append", default=[], help="the MNTP adapter (merged first)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--data", required=True, help="sentences, one per line (e.g. wiki1m)")
+    _train_args(p, steps=1000, batch=128, lr=3e-5)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--attention-dropout", type=float, default=0.3)
+    p.add_argument("--scale", type=float, default=20.0, help="1 / temperature")
+    p.add_argument("--pooling", default="mean",
+                   choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
+    p.add_argument("--max-sentences", type=int, default=None)
+    p.set_defaults(func=_cmd_train_simcse)
+
+    p = sub.add_parser("demo", help="the main job: LLM2Vec's three steps on SmolLM2, measured")
     p.add_argument("--budget-minutes", type=float, default=15.0)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
-    p.add_argument("--tiny", action="store_true", help="use a tiny random model (a smoke run)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random model (a smoke run, for tests)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -48,3 +213,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (Llm2VecMiniError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

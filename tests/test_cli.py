@@ -1,0 +1,93 @@
+"""The command line end to end on the tiny Llama directory: encode, eval-sts, train-mntp, train-simcse.
+
+The adapters the trainers write are also loaded by peft onto transformers' LlamaModel (as the official
+llm2vec loads them) and must give the same hidden states as our merged model.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from llm2vec_mini.cli import main
+from llm2vec_mini.encoder import LLM2Vec
+
+SENTENCES = ["A man is playing a guitar.", "A man plays the guitar.", "A dog runs in a field.",
+             "The stock market fell today.", "A woman is cutting an onion.", "Someone chops an onion."]
+
+
+@pytest.fixture(scope="module")
+def sts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sts") / "sts-dev.csv"
+    rows = [("main-captions", "MSRvid", "2012test", f"{i:04d}", f"{score:.1f}", a, b)
+            for i, (a, b, score) in enumerate([(SENTENCES[0], SENTENCES[1], 4.8),
+                                               (SENTENCES[0], SENTENCES[2], 0.4),
+                                               (SENTENCES[4], SENTENCES[5], 4.2),
+                                               (SENTENCES[3], SENTENCES[5], 0.0)])]
+    path.write_text("\n".join("\t".join(r) for r in rows) + "\n")
+    return path
+
+
+def test_encode_writes_the_embeddings_of_each_line(tiny_llama_dir, tmp_path, capsys):
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(SENTENCES) + "\n")
+    assert main(["encode", "--model", str(tiny_llama_dir), "--input", str(src), "--output",
+                 str(tmp_path / "emb.npy"), "--device", "cpu", "--instruction", "Find similar text:"]) == 0
+    got = np.load(tmp_path / "emb.npy")
+    expected = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu").encode(
+        [["Find similar text:", s] for s in SENTENCES])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_eval_sts_prints_a_table_and_writes_json(tiny_llama_dir, sts_file, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["eval-sts", "--model", str(tiny_llama_dir), "--data", str(sts_file), "--device", "cpu",
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "sts-dev" in printed and "average" in printed.lower()
+    data = json.loads(out.read_text())
+    assert data["results"]["sts-dev"]["n"] == 4
+    assert -100 <= data["results"]["sts-dev"]["spearman"] <= 100
+
+
+def test_bad_input_gives_a_clear_error_not_a_traceback(tiny_llama_dir, tmp_path, capsys):
+    bad = tmp_path / "broken.csv"
+    bad.write_text("just one column\n")
+    assert main(["eval-sts", "--model", str(tiny_llama_dir), "--data", str(bad), "--device", "cpu"]) == 2
+    assert "broken.csv" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    text = root / "wiki.txt"
+    text.write_text("\n".join(SENTENCES * 8) + "\n")
+    assert main(["train-mntp", "--model", str(tiny_llama_dir), "--data", str(text), "--output",
+                 str(root / "mntp"), "--steps", "3", "--batch-size", "4", "--block-size", "16",
+                 "--lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8"]) == 0
+    assert main(["train-simcse", "--model", str(tiny_llama_dir), "--adapter", str(root / "mntp"),
+                 "--data", str(text), "--output", str(root / "simcse"), "--steps", "3",
+                 "--batch-size", "4", "--lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8"]) == 0
+    return root / "mntp", root / "simcse"
+
+
+def test_trained_adapters_load_in_peft_like_the_official_library(tiny_llama_dir, adapters):
+    peft = pytest.importorskip("peft")
+    mntp, simcse = adapters
+    for a in adapters:
+        cfg = json.loads((a / "adapter_config.json").read_text())
+        assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
+    # the official stack: LlamaModel, MNTP merged, then SimCSE merged
+    ref = transformers.LlamaModel.from_pretrained(tiny_llama_dir).eval()
+    ref = peft.PeftModel.from_pretrained(ref, mntp).merge_and_unload()
+    ref = peft.PeftModel.from_pretrained(ref, simcse).merge_and_unload().eval()
+    ours = LLM2Vec.from_pretrained(tiny_llama_dir, adapters=[mntp, simcse], device="cpu")
+    ids = torch.tensor([[1, 319, 767, 338, 8743, 263, 1410, 3906, 29889]])
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=torch.zeros(1, 1, 9, 9)).last_hidden_state
+        got = ours.model(ids)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    plain = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+    assert not torch.allclose(plain.model(ids), got, atol=1e-3)  # the adapters changed something
