@@ -208,6 +208,7 @@ class Tokenizer:
             "eos_token": None if self.eos_id is None else self.id_to_token(self.eos_id),
             "pad_token": None if self.pad_id is None else self.id_to_token(self.pad_id),
             "clean_up_tokenization_spaces": False,
+            "model_input_names": ["input_ids", "attention_mask"],  # a decoder takes no token_type_ids
         }
         with open(path / "tokenizer_config.json", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)

@@ -59,7 +59,7 @@ def test_left_padded_with_instructions_matches_naive(mode):
 def test_instruction_is_attended_but_not_pooled():
     hidden, attn, embed = left_padded_batch([2], [3], T=7)
     changed = hidden.clone()
-    changed[0, 2:5] += 100.0  # BOS and instruction columns (T - 6 .. T - 3)
+    changed[0, 2:5] += 100.0  # the instruction columns (BOS is column 1, the text 5 and 6)
     for mode in ("mean", "weighted_mean"):
         torch.testing.assert_close(pool(changed, attn, embed, mode), pool(hidden, attn, embed, mode))
     assert not torch.allclose(pool(changed, attn, attn, "mean"), pool(hidden, attn, attn, "mean"))
