@@ -138,6 +138,24 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its weight and put plain nn.Linear layers back (PEFT's name for it).
+
+    Afterwards the model has no LoRA layers, so `add_lora` can attach a fresh adapter on top (LLM2Vec
+    trains SimCSE on the MNTP-merged model this way).
+    """
+    for layer in _decoder(model).layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name, child in list(block.named_children()):
+                if isinstance(child, LoRALinear):
+                    child.merge()
+                    plain = nn.Linear(child.in_features, child.out_features, bias=False,
+                                      device=child.weight.device, dtype=child.weight.dtype)
+                    plain.weight = child.weight
+                    setattr(block, name, plain)
+    return model
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names for a LlamaModel base (what llm2vec saves)."""
     out = {}
