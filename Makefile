@@ -26,6 +26,10 @@ test: setup model
 demo: setup model
 	$(PY) -m llm2vec_mini demo
 
+# The paper's trend on SmolLM2 with more training (about an hour on 2 CPU cores; not run in CI).
+reproduce: setup model
+	$(PY) -m llm2vec_mini demo --recipe reproduce --out runs/reproduce
+
 # The official llm2vec 0.2.3 only works with transformers 4.44.2 and peft 0.13.2: its own venv.
 reference-setup: $(REF_VENV)/.stamp
 $(REF_VENV)/.stamp: requirements-ref.txt
@@ -36,6 +40,12 @@ $(REF_VENV)/.stamp: requirements-ref.txt
 
 test-reference: setup model reference-setup
 	LLM2VEC_MINI_REFERENCE=1 $(PY) -m pytest tests/reference $(PYTEST_ARGS)
+
+# Speed and memory against the reference stacks, each measured in one run (not tests: they print).
+bench: setup model reference-setup
+	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_encode.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) .pytest_cache build *.egg-info
