@@ -23,7 +23,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -99,11 +99,17 @@ def _to_numpy(out) -> np.ndarray:
 
 
 def encode_unique(encode_fn: Callable[[List[str]], np.ndarray], sentences: Sequence[str],
-                  batch_size: int = 32, progress: bool = False) -> Dict[str, np.ndarray]:
-    """Call `encode_fn` on each distinct sentence once, `batch_size` at a time -> {sentence: (d,) vector}."""
+                  batch_size: Optional[int] = None, progress: bool = False) -> Dict[str, np.ndarray]:
+    """Call `encode_fn` on each distinct sentence once, `batch_size` at a time -> {sentence: (d,) vector}.
+
+    batch_size None: one call with every sentence (an encoder that batches by length itself, like
+    `LLM2Vec.encode`, wastes the least padding that way).
+    """
+    unique = list(dict.fromkeys(sentences))  # distinct, in order of first appearance
+    if batch_size is None:
+        batch_size = max(1, len(unique))
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
-    unique = list(dict.fromkeys(sentences))  # distinct, in order of first appearance
     starts = range(0, len(unique), batch_size)
     if progress:
         from tqdm import tqdm
@@ -121,7 +127,7 @@ def encode_unique(encode_fn: Callable[[List[str]], np.ndarray], sentences: Seque
 
 
 def evaluate_sts(encode_fn: Callable[[List[str]], np.ndarray], subsets: Sequence[STSSubset],
-                 batch_size: int = 32, progress: bool = False) -> Dict[str, Dict[str, float]]:
+                 batch_size: Optional[int] = None, progress: bool = False) -> Dict[str, Dict[str, float]]:
     """Score an encoder on STS subsets.
 
     encode_fn: list of B sentences -> (B, d) embeddings (numpy, or a CPU torch tensor). Every distinct
