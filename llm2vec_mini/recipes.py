@@ -48,7 +48,8 @@ def simcse_task(model, tokenizer, sentences: Sequence[str], max_length: int = 12
     """Tokenise each sentence (cut to max_length tokens), padded with eos as the encoder does."""
     ids = [s[:max_length] for s in tokenizer.encode_batch(list(sentences), add_special_tokens=True)]
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
-    return SimCSETask(model, ids, pad_id=pad, pooling=pooling, scale=scale)
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    return SimCSETask(model, ids, pad_id=pad, pooling=pooling, scale=scale, bos_id=bos)
 
 
 def set_attention_dropout(model, p: float):

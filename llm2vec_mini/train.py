@@ -122,10 +122,10 @@ class SimCSETask(nn.Module):
     """Unsupervised SimCSE on tokenised sentences: the same batch twice, dropout makes the views."""
 
     def __init__(self, model: nn.Module, sentences: list, pad_id: int, pooling: str = "mean",
-                 scale: float = 20.0):
+                 scale: float = 20.0, bos_id: Optional[int] = None):
         super().__init__()
         self.model, self.sentences, self.pad_id = model, sentences, pad_id
-        self.pooling, self.scale = pooling, scale
+        self.pooling, self.scale, self.bos_id = pooling, scale, bos_id
 
     def __len__(self):
         return len(self.sentences)
@@ -141,7 +141,9 @@ class SimCSETask(nn.Module):
         return ids, mask
 
     def embed(self, ids, mask):
-        return pool(self.model.model(ids, mask), mask, mask, self.pooling)  # (B, H)
+        # pool the text's tokens, as LLM2Vec.encode does: not the padding, not a leading bos
+        text = mask if self.bos_id is None else mask * (ids != self.bos_id)
+        return pool(self.model.model(ids, mask), mask, text, self.pooling)  # (B, H)
 
     def forward(self, batch):
         ids, mask = batch
@@ -207,6 +209,8 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False,
             metrics_path.write_text("".join(lines))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if start == 0 and metrics_path.exists():
+            metrics_path.unlink()  # a fresh run starts a fresh log
 
     runner = task
     if world_size > 1:
