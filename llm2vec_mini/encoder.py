@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .model import fuse_projections
 from .pooling import POOLING_MODES, pool
 
 SEPARATOR = "!@#$%^&*()"  # the official marker between instruction and text
@@ -59,6 +60,7 @@ class LLM2Vec:
             raise ValueError("the tokenizer has no eos (or pad) token to pad with")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval().set_causal(not bidirectional)
+        fuse_projections(self.model)  # q/k/v and gate/up as one GEMM each when encoding; same values
 
     @property
     def bidirectional(self) -> bool:
@@ -173,7 +175,6 @@ class LLM2Vec:
 
     # ---------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode(self, sentences, batch_size: int = 32, normalize: bool = False,
                convert_to: str = "numpy", show_progress_bar: Optional[bool] = None
                ) -> Union[np.ndarray, torch.Tensor]:
@@ -196,9 +197,12 @@ class LLM2Vec:
         self.model.eval()
         for idx in batches:
             input_ids, attention, embed = (t.to(self.device) for t in self.collate([items[i] for i in idx]))
-            hidden = self.model(input_ids, attention)  # (B, T, H)
-            pooled_over = embed if self.skip_instruction else attention
-            out[idx] = pool(hidden, attention, pooled_over, self.pooling).float().cpu()
+            # inference_mode: like no_grad, and also skips autograd's bookkeeping on every tensor;
+            # `out` was made outside it, so what we return is an ordinary tensor
+            with torch.inference_mode():
+                hidden = self.model(input_ids, attention)  # (B, T, H)
+                pooled_over = embed if self.skip_instruction else attention
+                out[idx] = pool(hidden, attention, pooled_over, self.pooling).float().cpu()
         if normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out.numpy() if convert_to == "numpy" else out

@@ -6,6 +6,9 @@ The blocks, in the order a token meets them:
 LLM2Vec step 1 (paper Sec. 2.1, "Enabling bidirectional attention") is one boolean: with
 `set_causal(False)` the attention mask stops hiding future tokens, and nothing else changes.
 
+For inference, `fuse_projections` stores each layer's q/k/v (and gate/up) weights as one matrix, so
+that `project` runs them as one matrix product; the values do not change, only the speed.
+
 Parameter names mirror Hugging Face's Llama (`model.layers.{i}.self_attn.q_proj.weight`, ...), so an HF
 state dict or a PEFT adapter loads with no renaming.
 
@@ -81,10 +84,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate every head of x (B, n, T, d) by cos/sin (B, T, d): x * cos + rotate_half(x) * sin."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d): the same angle for every head
+    return torch.addcmul(x * cos, rotate_half(x), sin)  # addcmul: a + b * c in one pass
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate queries (B, n_heads, T, d) and keys (B, n_kv_heads, T, d) by cos/sin (B, T, d)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d): the same angle for every head
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rope(q, cos, sin), rope(k, cos, sin)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -121,6 +129,63 @@ def positions_from_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_
 
 
 # -------------------------------------------------------------------------------------------------
+# Projections that read the same input: q, k, v (and gate, up) can be one matrix product.
+
+def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+    """Several projections of the same x: (..., in) -> [(..., out_1), (..., out_2), ...].
+
+    When their weights lie back to back in one matrix (see `fuse_projections`) and no gradient is
+    needed, that is one GEMM, split afterwards: a larger, faster product on a CPU than one per
+    layer. Otherwise (training, LoRA layers) each layer runs on its own; the values are the same.
+    """
+    weight = None if torch.is_grad_enabled() else stacked_weight(linears)
+    if weight is None:
+        return [linear(x) for linear in linears]
+    return list(F.linear(x, weight).split([linear.out_features for linear in linears], dim=-1))
+
+
+def stacked_weight(linears) -> Optional[torch.Tensor]:
+    """The plain nn.Linear weights (out_i, in) as one (sum of out_i, in) matrix, if they already are
+    consecutive row blocks of one storage; None otherwise. A view of that storage: nothing is copied."""
+    first = linears[0].weight
+    end = first.data_ptr()
+    for linear in linears:
+        w = linear.weight
+        if (type(linear) is not nn.Linear or not w.is_contiguous() or w.data_ptr() != end
+                or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or w.shape[1] != first.shape[1] or w.dtype != first.dtype):
+            return None
+        end += w.numel() * w.element_size()  # the next block must start where this one ends
+    rows = sum(linear.weight.shape[0] for linear in linears)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Store each layer's q/k/v weights, and its gate/up weights, as row blocks of one matrix.
+
+    The parameters keep their names, shapes and values; they become views of the stacked matrix,
+    so `project` can run them as one GEMM at inference. Checkpoints, adapters and optimizers see no
+    difference; moving the model (`.to(...)`) makes separate copies again, which only loses the
+    speed-up (call this again afterwards). Returns the same model.
+    """
+    for layer in getattr(model, "model", model).layers:
+        for block, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                             (layer.mlp, ("gate_proj", "up_proj"))):
+            linears = [getattr(block, name) for name in names]
+            if any(type(linear) is not nn.Linear for linear in linears):
+                continue  # LoRA layers keep their own forward
+            stacked = torch.cat([linear.weight for linear in linears])  # (sum of out, in)
+            start = 0
+            for linear in linears:
+                rows = linear.weight.shape[0]
+                linear.weight = nn.Parameter(stacked[start:start + rows],
+                                             requires_grad=linear.weight.requires_grad)
+                start += rows
+    return model
+
+
+# -------------------------------------------------------------------------------------------------
 # The blocks
 
 class LlamaAttention(nn.Module):
@@ -139,9 +204,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal=False):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # (B, T, n * d) each
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
         q, k = apply_rope(q, k, cos, sin)
         y = F.scaled_dot_product_attention(  # softmax(q k^T / sqrt(d) + mask) v, on every head
             q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -162,7 +228,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(m, h, bias=False)
 
     def forward(self, x):  # (B, T, hidden) -> (B, T, hidden)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)  # (B, T, m) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
