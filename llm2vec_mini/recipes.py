@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .convert.hf import load_pretrained
+from .convert.hf import load_pretrained, save_hf_metadata
 from .data import read_lines
+from .encoder import DEFAULTS, write_settings
 from .errors import DataError
 from .lora import add_lora, save_adapter
 from .mntp import MNTPCollator, choose_mask_token, group_texts
@@ -69,8 +70,11 @@ def train_mntp(model_path, data_files: Sequence, out_dir, cfg: TrainConfig, lora
     task = mntp_task(model, tokenizer, _paragraphs(data_files), extra.get("block_size", 512),
                      extra.get("mask_ratio", 0.2), extra.get("all_mask", False), max_blocks)
     out = train(task, cfg, out_dir, resume=resume)
-    if world()[0] == 0:  # rewrite the config with the base model's name
-        save_adapter(model, out, base_model_name_or_path=str(model_path))
+    if world()[0] == 0:
+        # The Hub's LLM2Vec-*-mntp layout: the adapter, naming its base model, beside the base's
+        # config.json and tokenizer, so that the official LLM2Vec.from_pretrained(out) loads it too
+        save_adapter(model, out, base_model_name_or_path=str(Path(model_path).resolve()))
+        save_hf_metadata(model.config, tokenizer, out)
     return out
 
 
@@ -88,6 +92,7 @@ def train_simcse(model_path, adapters: Sequence, data_file, out_dir, cfg: TrainC
     task = simcse_task(model, tokenizer, sentences, extra.get("max_length", 128),
                        extra.get("pooling", "mean"), extra.get("scale", 20.0))
     out = train(task, cfg, out_dir, resume=resume)
-    if world()[0] == 0:  # rewrite the config with the base model's name
-        save_adapter(model, out, base_model_name_or_path=str(model_path))
+    if world()[0] == 0:  # the base model's name, and the pooling it was trained for (encoder settings)
+        save_adapter(model, out, base_model_name_or_path=str(Path(model_path).resolve()))
+        write_settings(out, dict(DEFAULTS, pooling_mode=extra.get("pooling", "mean")))
     return out

@@ -48,18 +48,21 @@ class Tokenizer:
     Attributes:
         tokenizer: the wrapped `tokenizers.Tokenizer`.
         bos_id, eos_id, pad_id: special token ids, or None where the model has none.
-        add_bos, add_eos: whether `encode(..., add_special_tokens=True)` adds BOS in front / EOS behind.
+        add_bos, add_eos: whether `encode(..., add_special_tokens=True)` adds BOS in front / EOS behind
+            (add_bos defaults to "whenever there is a bos_id", Llama's rule).
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, bos_id: Optional[int] = None,
                  eos_id: Optional[int] = None, pad_id: Optional[int] = None,
-                 add_bos: bool = True, add_eos: bool = False):
+                 add_bos: Optional[bool] = None, add_eos: bool = False):
         if not isinstance(tokenizer, tokenizers.Tokenizer):
             raise TypeError(f"expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
             if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
                 raise ConfigError(f"{name} must be None or a token id below {self.vocab_size}, got {value!r}")
+        if add_bos is None:  # Llama's rule: a model with a BOS token puts it first
+            add_bos = bos_id is not None
         if add_bos and bos_id is None:
             raise ConfigError("add_bos is true, but bos_id is None")
         if add_eos and eos_id is None:
@@ -171,7 +174,7 @@ class Tokenizer:
         # The BOS/EOS rule is tokenizer.json's post-processor, as in transformers 5, which ignores
         # tokenizer_config's add_bos_token/add_eos_token once a tokenizer.json exists. We warn where
         # they disagree.
-        prefix, suffix = added_by_post_processor(tok)
+        prefix, suffix = added_by_post_processor(tok, file)
         if bos_id is None and len(prefix) == 1:
             bos_id = prefix[0]
         if eos_id is None and len(suffix) == 1:
@@ -219,13 +222,14 @@ class Tokenizer:
 # Helpers, shared with convert/gguf_tokenizer.py
 
 
-def added_by_post_processor(tok: tokenizers.Tokenizer) -> Tuple[List[int], List[int]]:
+def added_by_post_processor(tok: tokenizers.Tokenizer, where: Optional[PathLike] = None
+                            ) -> Tuple[List[int], List[int]]:
     """The ids a tokenizer's post-processor puts before and after a text: ([1], []) for "<s> $A"."""
     try:
         plain = tok.encode("a", add_special_tokens=False).ids
         full = tok.encode("a", add_special_tokens=True).ids
     except Exception as e:  # e.g. a WordLevel vocabulary without "a" and without an unknown token
-        raise CheckpointError(f"the tokenizer cannot encode the probe text 'a' ({e})") from None
+        raise CheckpointError(f"the tokenizer cannot encode the probe text 'a' ({e})", where) from None
     for start in range(len(full) - len(plain) + 1):
         if full[start:start + len(plain)] == plain:
             return full[:start], full[start + len(plain):]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch import nn
 
 from .errors import ConfigError, TrainingError
 from .lora import lora_layers, load_adapter, save_adapter
-from .mntp import IGNORE, MNTPCollator
+from .mntp import IGNORE, MNTPCollator, mntp_loss
 from .pooling import pool
 from .simcse import unsup_simcse_loss
 
@@ -107,15 +108,11 @@ class MNTPTask(nn.Module):
     def forward(self, batch):
         inputs, labels = batch
         hidden = self.model.model(inputs)  # (B, T, H), bidirectional
-        shifted = labels[:, 1:]
-        where = shifted != IGNORE
-        # global mean over masked tokens: local sum / global count (equal counts not assumed)
-        count = where.sum().to(torch.float32)
+        # the global mean over masked tokens: local sum / global count (counts differ by process)
+        count = (labels[:, 1:] != IGNORE).sum().to(torch.float32)
         if world()[1] > 1:
             dist.all_reduce(count)
-        logits = self.model.lm_head(hidden[:, :-1][where])  # (n_local_labelled, vocab)
-        total = nn.functional.cross_entropy(logits.float(), shifted[where], reduction="sum")
-        return total / count.clamp(min=1) * world()[1]
+        return mntp_loss(hidden, labels, self.model.lm_head, n_labels=count) * world()[1]
 
 
 class SimCSETask(nn.Module):
@@ -162,10 +159,20 @@ def _save_checkpoint(task, optimizer, step, out: Path, cfg: TrainConfig, metrics
              "metrics_lines": sum(1 for _ in open(metrics_path)) if metrics_path.exists() else 0}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if ckpt.exists():
-        import shutil
         shutil.rmtree(ckpt)
     tmp.rename(ckpt)  # a checkpoint appears whole or not at all
     return ckpt
+
+
+def _stop_unless_finite(value: torch.Tensor, what: str, step: int, out: Path) -> None:
+    """TrainingError if `value` is NaN or infinite on any process (every process agrees, so none is
+    left waiting in a collective); the last good checkpoint stays as it was."""
+    finite = torch.isfinite(value).to(torch.float32).reshape(1)
+    if world()[1] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        raise TrainingError(f"the {what} became {value.item()} at step {step + 1}; the last good "
+                            f"checkpoint is {latest_checkpoint(out)} (lower the lr?)")
 
 
 def latest_checkpoint(out_dir) -> Optional[Path]:
@@ -209,8 +216,10 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False,
             metrics_path.write_text("".join(lines))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if start == 0 and metrics_path.exists():
-            metrics_path.unlink()  # a fresh run starts a fresh log
+        if start == 0:  # a fresh run starts a fresh log, and no old checkpoint can be resumed into it
+            metrics_path.unlink(missing_ok=True)
+            for old in out.glob("checkpoint-*"):
+                shutil.rmtree(old)
 
     runner = task
     if world_size > 1:
@@ -239,13 +248,13 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False,
             torch.manual_seed(cfg.seed * 7919 + step * 31 + m)  # dropout masks depend on the step only
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = runner(batch) / cfg.grad_accum
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss became {loss.item()} at step {step + 1}; the last good "
-                                    f"checkpoint is {latest_checkpoint(out)} (lower the lr?)")
+            _stop_unless_finite(loss.detach(), "loss", step, out)  # before backward: no rank waits
             loss.backward()
             loss_sum += loss.item() / world_size
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm
-                     else torch.zeros(()))
+        # the gradient norm (clipped to max_grad_norm, or only measured): a finite loss can still
+        # give infinite gradients (an overflow), which must not reach the weights or a checkpoint
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        _stop_unless_finite(grad_norm, "gradient norm", step, out)
         optimizer.step()
         done = step + 1
         record = {"step": done, "loss": loss_sum, "lr": cfg.lr * lr_at(step),

@@ -5,6 +5,8 @@ reference is transformers 5 plus the official rules written out in the test: joi
 text with a space, pool the last n positions where n is the text's own token count.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,10 @@ def test_bad_arguments(tiny_llama_dir, encoder):
         encoder.encode(["a"], convert_to="list")
     with pytest.raises(ValueError, match="pooling"):
         LLM2Vec.from_pretrained(tiny_llama_dir, pooling="max", device="cpu")
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+    enc.tokenizer.add_bos = False  # a vocabulary like SmolLM2's, which adds no BOS token
+    with pytest.raises(ValueError, match="bos_token.*BOS"):
+        LLM2Vec(enc.model, enc.tokenizer, pooling="bos_token", device="cpu")
 
 
 def test_save_and_load_back_keep_weights_and_settings(tiny_llama_dir, tmp_path):
@@ -139,6 +145,11 @@ def test_save_and_load_back_keep_weights_and_settings(tiny_llama_dir, tmp_path):
     enc.save(tmp_path / "saved")
     back = LLM2Vec.from_pretrained(tmp_path / "saved", device="cpu")
     assert back.settings() == enc.settings()
+    # llm2vec_config.json holds exactly the official constructor's keyword arguments (llm2vec 0.2.3
+    # passes every key to LLM2Vec.__init__, so one more key would break it there)
+    official = json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())
+    assert official == {"pooling_mode": "weighted_mean", "max_length": 512, "doc_max_length": 100,
+                        "skip_instruction": True}
     np.testing.assert_allclose(back.encode(TEXTS[:3]), before, atol=1e-6, rtol=1e-6)
     # and transformers reads the saved directory as the same model
     ref = transformers.LlamaModel.from_pretrained(tmp_path / "saved").eval()
@@ -146,3 +157,14 @@ def test_save_and_load_back_keep_weights_and_settings(tiny_llama_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ref(input_ids=ids).last_hidden_state,
                                    back.model.set_causal(True)(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_saved_settings_keep_causal_attention_and_bad_settings_name_the_file(tiny_llama_dir, tmp_path):
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, bidirectional=False, device="cpu")
+    enc.save(tmp_path / "causal")
+    back = LLM2Vec.from_pretrained(tmp_path / "causal", device="cpu")
+    assert back.bidirectional is False and back.model.causal is True
+    assert LLM2Vec.from_pretrained(tmp_path / "causal", bidirectional=True, device="cpu").bidirectional
+    (tmp_path / "causal" / "llm2vec_config.json").write_text('{"pooling": "mean"}')
+    with pytest.raises(ValueError, match=r"causal/llm2vec_config\.json.*pooling_mode"):
+        LLM2Vec.from_pretrained(tmp_path / "causal", device="cpu")

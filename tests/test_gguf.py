@@ -372,6 +372,8 @@ def test_bad_magic_versions_and_empty_file(tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     raises(tmp_path / "empty.gguf", "too short")
     raises(tmp_path / "absent.gguf", "cannot read")
+    (tmp_path / "folder.gguf").mkdir()
+    raises(tmp_path / "folder.gguf", "cannot read")  # a directory: not IsADirectoryError from numpy
     assert read_gguf(build(tmp_path / "v2.gguf", version=2)).version == 2
 
 
@@ -401,6 +403,7 @@ def test_bad_tensor_infos(tmp_path):
     ok = build(tmp_path / "ok.gguf", tensors=[tensor])
     info = read_gguf(ok).tensors["w"]
     assert (info.shape, info.nbytes, info.ggml_type) == ((4, 8), 128, 0)
+    raises(ok, r"no tensor named 'v'", lambda p: read_gguf(p).tensor("v"))  # not a bare KeyError
     (tmp_path / "short.gguf").write_bytes(ok.read_bytes()[:-10])
     raises(tmp_path / "short.gguf", r"tensor 'w'.*past the end")
     path = tmp_path / "far.gguf"  # one tensor info by hand: offset 2^40

