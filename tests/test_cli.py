@@ -5,6 +5,7 @@ llm2vec loads them) and must give the same hidden states as our merged model.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import transformers
 
 from llm2vec_mini.cli import main
 from llm2vec_mini.encoder import LLM2Vec
+from llm2vec_mini.errors import CheckpointError
 
 SENTENCES = ["A man is playing a guitar.", "A man plays the guitar.", "A dog runs in a field.",
              "The stock market fell today.", "A woman is cutting an onion.", "Someone chops an onion."]
@@ -91,3 +93,22 @@ def test_trained_adapters_load_in_peft_like_the_official_library(tiny_llama_dir,
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     plain = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
     assert not torch.allclose(plain.model(ids), got, atol=1e-3)  # the adapters changed something
+
+
+def test_mntp_folder_loads_as_a_model_like_the_hub_ones(tiny_llama_dir, adapters, tmp_path):
+    mntp, simcse = adapters
+    assert {"config.json", "tokenizer.json", "adapter_config.json"} <= {p.name for p in mntp.iterdir()}
+    settings = json.loads((simcse / "llm2vec_config.json").read_text())
+    assert settings == {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400,
+                        "skip_instruction": True}
+    texts = ["A man is playing a guitar.", "Stocks fell."]
+    explicit = LLM2Vec.from_pretrained(tiny_llama_dir, adapters=[mntp, simcse], device="cpu").encode(texts)
+    hub_style = LLM2Vec.from_pretrained(mntp, adapters=[simcse], device="cpu").encode(texts)
+    np.testing.assert_array_equal(hub_style, explicit)
+    moved = tmp_path / "mntp-elsewhere"  # a base that is not on this machine: a clear error
+    shutil.copytree(mntp, moved)
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "princeton-nlp/Sheared-LLaMA-1.3B"
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mntp-elsewhere.*'princeton-nlp/Sheared-LLaMA-1.3B'.*not a local path"):
+        LLM2Vec.from_pretrained(moved, device="cpu")
