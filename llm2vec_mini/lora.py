@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .ops import lora_linear
 
 LLM2VEC_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -71,10 +72,11 @@ class LoRALinear(nn.Linear):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        y = F.linear(x, self.weight)
         if self.merged:
-            return y  # the update already lives in W
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            return F.linear(x, self.weight)  # the update already lives in W
+        # W x + scaling * lora_B(lora_A(dropout(x))), with a backward that keeps less (ops.py)
+        return lora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.lora_dropout.p,
+                           self.scaling, self.training)
 
     @torch.no_grad()
     def merge(self) -> None:

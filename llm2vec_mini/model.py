@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
+from .ops import silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -229,7 +230,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):  # (B, T, hidden) -> (B, T, hidden)
         gate, up = project(x, self.gate_proj, self.up_proj)  # (B, T, m) each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(gate, up))  # silu(gate) * up (ops.py)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,0 +1,118 @@
+"""Two operations of the decoder with hand-written backward passes: the same values, less memory.
+
+To run backward, autograd keeps ("saves") every tensor that a formula's derivative reads. Written
+as plain tensor code, two of our operations keep more than their derivatives need, once per layer
+and per token, which is most of the memory a LoRA training step takes:
+
+    operation        y =                          autograd keeps        the derivative needs
+    SwiGLU           silu(g) * u                  g, silu(g) and u      g and u
+    LoRA layer       W x + s * B A dropout(x)     the dropout mask as   x once (q, k and v share it),
+                                                  floats, dropout(x)    the mask as booleans
+                                                  for each projection
+
+Each is a `torch.autograd.Function`: `forward` computes the formula and saves the smaller set,
+`backward` is the derivative worked out by hand (written next to it). tests/test_ops.py checks values
+and gradients against plain autograd on the textbook formulas, in float64.
+
+The dropout mask draws 32 random bits per element, 64 at a time (`keep_mask`), which is about twice
+as fast on a CPU as `torch.bernoulli_`; the keep probability is exact to 2^-32.
+
+References:
+1) Shazeer, "GLU Variants Improve Transformer", 2020, https://arxiv.org/abs/2002.05202
+2) Hu et al., "LoRA", 2021, https://arxiv.org/abs/2106.09685
+3) PyTorch, "Extending torch.autograd", https://pytorch.org/docs/stable/notes/extending.html
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+# -------------------------------------------------------------------------------------------------
+# SwiGLU's gate: y = silu(g) * u, silu(g) = g * sigmoid(g)
+#   dL/du = grad * silu(g)
+#   dL/dg = grad * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        # silu_backward(a, g) = a * silu'(g) = a * sigmoid(g) * (1 + g * (1 - sigmoid(g))), fused
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise, any shape: the middle of Llama's SwiGLU MLP."""
+    return _SiluMul.apply(gate, up)
+
+
+# -------------------------------------------------------------------------------------------------
+# A LoRA layer: y = x W^T + (m * x) A^T B^T * k,   m the keep mask, k = scaling / (1 - p)
+#   with v = k * (m * x) A^T, the r-dimensional middle (small, kept), so that y = x W^T + v B^T:
+#   dL/dB = grad^T v        dv = k * grad B
+#   dL/dA = dv^T (m * x)    dL/dx = grad W + m * (dv A)       (W is frozen: no dL/dW)
+# The sums of two products are written as addmm (C + A B in one pass over C).
+
+def keep_mask(shape, p: float, device=None) -> torch.Tensor:
+    """A boolean tensor of `shape`, True with probability 1 - p (dropout's keep mask).
+
+    Each element compares 32 random bits with p * 2^32; the bits come from int64 draws of the
+    global generator, viewed as int32 pairs, which costs half the time of bernoulli_.
+    """
+    n = math.prod(shape)
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
+    threshold = -2 ** 31 + round(p * 2 ** 32)  # P(bits >= threshold) = 1 - p
+    return (bits.view(torch.int32)[:n] >= threshold).view(shape)
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, p, scaling):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        keep = keep_mask(x2.shape, p, x.device) if p > 0 else None
+        dropped = x2 if keep is None else torch.where(keep, x2, 0.0)  # (N, in), not kept
+        v = (dropped @ lora_a.t()) * (scaling / (1.0 - p))  # (N, r)
+        y = torch.addmm(x2 @ weight.t(), v, lora_b.t())  # x W^T + v B^T: (N, out)
+        ctx.save_for_backward(x2, keep, weight, lora_a, lora_b, v)
+        ctx.k = scaling / (1.0 - p)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, keep, weight, lora_a, lora_b, v = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        dv = (g @ lora_b) * ctx.k  # (N, r)
+        grad_b = g.t() @ v  # (out, r)
+        dropped = x2 if keep is None else torch.where(keep, x2, 0.0)  # recomputed
+        grad_a = dv.t() @ dropped  # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            through_lora = dv @ lora_a  # (N, in)
+            if keep is not None:
+                through_lora = torch.where(keep, through_lora, 0.0)
+            grad_x = torch.addmm(through_lora, g, weight).view(*grad.shape[:-1], x2.shape[-1])
+        grad_w = g.t() @ x2 if ctx.needs_input_grad[1] else None  # only if W is trained too
+        return grad_x, grad_w, grad_a, grad_b, None, None
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                p: float = 0.0, scaling: float = 1.0, training: bool = False) -> torch.Tensor:
+    """x W^T + scaling * B A dropout_p(x): (..., in), W (out, in), A (r, in), B (out, r) -> (..., out).
+
+    Dropout applies in training only, like nn.Dropout. Without a gradient to compute, the same
+    formula in plain tensor code.
+    """
+    p = p if training else 0.0
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, weight, lora_a, lora_b)):
+        dropped = x if p == 0 else torch.where(keep_mask(x.shape, p, x.device), x, 0.0) / (1.0 - p)
+        return F.linear(x, weight) + F.linear(F.linear(dropped, lora_a), lora_b) * scaling
+    return _LoRALinear.apply(x, weight, lora_a, lora_b, p, scaling)
