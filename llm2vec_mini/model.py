@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
-from .ops import silu_mul
+from .ops import attention, silu_mul
 
 
 class RMSNorm(nn.Module):
@@ -210,10 +210,9 @@ class LlamaAttention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
         q, k = apply_rope(q, k, cos, sin)
-        y = F.scaled_dot_product_attention(  # softmax(q k^T / sqrt(d) + mask) v, on every head
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, d)
+        # softmax(q k^T / sqrt(d) + mask) v on every head: torch's scaled_dot_product_attention,
+        # or, when training with attention dropout on a CPU, ops.py's leaner version of it
+        y = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # (B, nh, T, d)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh * d)
         return self.o_proj(y)
 

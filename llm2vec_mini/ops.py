@@ -1,7 +1,7 @@
-"""Two operations of the decoder with hand-written backward passes: the same values, less memory.
+"""Three operations of the decoder with hand-written backward passes: the same values, less memory.
 
 To run backward, autograd keeps ("saves") every tensor that a formula's derivative reads. Written
-as plain tensor code, two of our operations keep more than their derivatives need, once per layer
+as plain tensor code, three of our operations keep more than their derivatives need, once per layer
 and per token, which is most of the memory a LoRA training step takes:
 
     operation        y =                          autograd keeps        the derivative needs
@@ -9,6 +9,9 @@ and per token, which is most of the memory a LoRA training step takes:
     LoRA layer       W x + s * B A dropout(x)     the dropout mask as   x once (q, k and v share it),
                                                   floats, dropout(x)    the mask as booleans
                                                   for each projection
+    attention with   dropout(softmax(q k^T)) v    the probabilities,    q, k, v, the mask as booleans
+    dropout                                       the mask as floats,   (the probabilities are
+                                                  their product         recomputed)
 
 Each is a `torch.autograd.Function`: `forward` computes the formula and saves the smaller set,
 `backward` is the derivative worked out by hand (written next to it). tests/test_ops.py checks values
@@ -112,7 +115,93 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     formula in plain tensor code.
     """
     p = p if training else 0.0
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, weight, lora_a, lora_b)):
+    if _plain(x, weight, lora_a, lora_b):
         dropped = x if p == 0 else torch.where(keep_mask(x.shape, p, x.device), x, 0.0) / (1.0 - p)
         return F.linear(x, weight) + F.linear(F.linear(dropped, lora_a), lora_b) * scaling
     return _LoRALinear.apply(x, weight, lora_a, lora_b, p, scaling)
+
+
+def _plain(*tensors) -> bool:
+    """True where the hand-written backward has nothing to do or should not run: no gradient is
+    needed, or autocast is on (bf16 on a GPU), whose casts only plain tensor code receives."""
+    return (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+            or torch.is_autocast_enabled(tensors[0].device.type))
+
+
+# -------------------------------------------------------------------------------------------------
+# Attention with dropout on the probabilities (SimCSE trains with p = 0.3), for one group of query
+# heads sharing a key/value head: S = scale * q k^T + mask, P = softmax(S), m the keep mask,
+# c = 1 / (1 - p), O = c * (m * P) v. Kept: q, k, v and m as booleans; S and P are recomputed.
+#   dL/dv = c * (m * P)^T dO          dP = c * m * (dO v^T)
+#   dS = P * (dP - rowsum(dP * P))    (softmax's derivative)
+#   dL/dq = scale * dS k              dL/dk = scale * dS^T q
+# Without dropout, or on a GPU, torch's own scaled_dot_product_attention kernels are used.
+
+class _DropoutAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, p):
+        B, n_heads, T, d = q.shape
+        n_kv = k.shape[1]
+        scale = 1.0 / math.sqrt(d)
+        qg = q.reshape(B, n_kv, n_heads // n_kv * T, d)  # (B, nkv, g*T, d): heads of one group stacked
+        probs = _probs(qg, k, mask, scale)  # (B, nkv, g*T, T)
+        keep = keep_mask(probs.shape, p, q.device)
+        out = (torch.where(keep, probs, 0.0) @ v) * (1.0 / (1.0 - p))  # (B, nkv, g*T, d)
+        ctx.save_for_backward(q, k, v, mask, keep)
+        ctx.p, ctx.scale = p, scale
+        return out.view(B, n_heads, T, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, keep = ctx.saved_tensors
+        B, n_heads, T, d = q.shape
+        n_kv = k.shape[1]
+        qg = q.reshape(B, n_kv, -1, d)
+        probs = _probs(qg, k, mask, ctx.scale)  # recomputed: one product and a softmax
+        g = grad_out.reshape(B, n_kv, -1, d) * (1.0 / (1.0 - ctx.p))  # c * dO: (B, nkv, g*T, d)
+        grad_v = torch.where(keep, probs, 0.0).transpose(-1, -2) @ g  # (B, nkv, T, d)
+        dp = torch.where(keep, g @ v.transpose(-1, -2), 0.0)  # (B, nkv, g*T, T)
+        ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+        ds = ds * ctx.scale
+        grad_q = (ds @ k).view(B, n_heads, T, d)
+        grad_k = ds.transpose(-1, -2) @ qg  # (B, nkv, T, d)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def _probs(qg, k, mask, scale):
+    """softmax(scale * q k^T + mask) for grouped queries (B, nkv, g*T, d) and keys (B, nkv, T, d)."""
+    scores = (qg @ k.transpose(-1, -2)) * scale  # (B, nkv, g*T, T)
+    if mask is not None:  # (B or 1, 1, T, T), the same for every head
+        B, n_kv, gT, T = scores.shape
+        scores = (scores.view(B, n_kv, gT // T, T, T) + mask[:, :, None]).view(B, n_kv, gT, T)
+    return torch.softmax(scores, dim=-1)
+
+
+# Inference on a CPU: for short texts (sentences, most of what encode sees) two plain batched
+# products beat the fused kernel of scaled_dot_product_attention, which pays a fixed cost per head.
+SHORT = 128  # tokens
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              is_causal: bool, dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v with dropout on the probabilities, grouped-query.
+
+    q (B, nh, T, d), k and v (B, nkv, T, d), mask additive (B or 1, 1, T, T) or None -> (B, nh, T, d).
+    Query head h reads key/value head h // (nh / nkv), as in Hugging Face's `repeat_kv`.
+    Training with dropout on a CPU takes `_DropoutAttention`; inference on a CPU, for up to SHORT
+    tokens, the same formula without dropout; everything else torch's scaled_dot_product_attention.
+    """
+    B, n_heads, T, d = q.shape
+    on_cpu = q.device.type == "cpu"
+    lean = dropout_p > 0 and on_cpu and not _plain(q, k, v)
+    short = dropout_p == 0 and on_cpu and T <= SHORT and not (torch.is_grad_enabled() and q.requires_grad)
+    if lean or short:  # the grouped formula, which takes the causal mask as a tensor
+        if is_causal:
+            mask = torch.full((T, T), torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device).triu(1)
+            mask = mask[None, None]  # (1, 1, T, T)
+        if lean:
+            return _DropoutAttention.apply(q, k, v, mask, dropout_p)
+        qg = q.reshape(B, k.shape[1], -1, d)  # (B, nkv, g*T, d)
+        return (_probs(qg, k, mask, 1.0 / math.sqrt(d)) @ v).view(B, n_heads, T, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                          enable_gqa=k.shape[1] != q.shape[1])

@@ -121,3 +121,86 @@ def test_they_keep_less_than_plain_autograd():
     x_bytes = x.numel() * 4
     assert saved_bytes(ours) <= x_bytes + 3 * x.numel() + 3 * 64 * 16 * 4 + W.numel() * 4 + A.numel() * 4 + B.numel() * 4
     assert saved_bytes(plain) > 3 * x_bytes
+
+
+def plain_attention(q, k, v, mask, keep, p):
+    """The textbook formula with Hugging Face's repeat_kv and the given keep mask."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1)
+    return (probs * keep.to(q.dtype) / (1 - p)) @ v
+
+
+@pytest.mark.parametrize("n_kv", [3, 1, 6])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_dropout_attention_matches_autograd_with_the_same_mask(n_kv, masked, dtype, tol):
+    from llm2vec_mini.ops import attention
+
+    g = torch.Generator().manual_seed(4)
+    B, nh, T, d, p = 2, 6, 5, 8, 0.3
+    q = torch.randn(B, nh, T, d, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, n_kv, T, d, generator=g, dtype=dtype) for _ in range(2))
+    mask = None
+    if masked:  # left padding in the second row: its first two keys are hidden
+        mask = torch.zeros(B, 1, T, T, dtype=dtype)
+        mask[1, :, :, :2] = torch.finfo(dtype).min
+    torch.manual_seed(9)
+    keep = keep_mask((B, n_kv, nh // n_kv * T, T), p).view(B, nh, T, T)  # what attention will draw
+
+    def ours(q, k, v):
+        torch.manual_seed(9)
+        return attention(q, k, v, mask, False, p)
+
+    assert_same(grads(ours, q, k, v), grads(lambda q, k, v: plain_attention(q, k, v, mask, keep, p), q, k, v),
+                tol)
+
+
+def test_causal_dropout_attention_hides_the_future_and_gradchecks():
+    from llm2vec_mini.ops import attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+
+    def causal(q, k, v):
+        torch.manual_seed(3)
+        return attention(q, k, v, None, True, 0.25)
+
+    assert torch.autograd.gradcheck(causal, (q, k, v))
+    later = v.detach().clone()
+    later[:, :, -1] += 10.0  # a change in the last token's value reaches only the last position
+    changed = (causal(q, k, later) - causal(q, k, v)).abs().sum(-1)  # (1, heads, T)
+    assert torch.all(changed[:, :, :-1] == 0) and changed[:, :, -1].sum() > 0  # (unless dropped)
+
+
+def test_dropout_attention_keeps_less_than_torch():
+    from llm2vec_mini.ops import attention
+
+    q = torch.randn(2, 9, 64, 16, requires_grad=True)
+    k, v = torch.randn(2, 3, 64, 16, requires_grad=True), torch.randn(2, 3, 64, 16, requires_grad=True)
+    ours = saved_bytes(lambda: attention(q, k, v, None, False, 0.3))
+    torch_sdpa = saved_bytes(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True))
+    assert ours < torch_sdpa / 2
+
+
+@pytest.mark.parametrize("n_kv", [3, 1])
+@pytest.mark.parametrize("case", ["none", "padding", "causal"])
+def test_short_inference_attention_equals_torch_sdpa(n_kv, case):
+    from llm2vec_mini.ops import attention
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(3, 6, 7, 16, generator=g)
+    k, v = (torch.randn(3, n_kv, 7, 16, generator=g) for _ in range(2))
+    mask = None
+    if case == "padding":
+        mask = torch.zeros(3, 1, 7, 7).masked_fill(torch.arange(7) < torch.tensor([[0], [2], [5]])[:, None, None],
+                                                   torch.finfo(torch.float32).min)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case == "causal",
+                                          enable_gqa=n_kv != 6)
+    with torch.no_grad():
+        got = attention(q, k, v, mask, case == "causal", 0.0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
