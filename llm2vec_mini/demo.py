@@ -135,7 +135,8 @@ def tiny_model():
 
 
 def score(model, tokenizer, pairs, causal: bool) -> float:
-    encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=not causal, device="cpu")
+    device = next(model.parameters()).device
+    encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=not causal, device=device)
     result = evaluate_sts(lambda s: encoder.encode(s, batch_size=32, show_progress_bar=True), [pairs])
     model.model.set_causal(False)
     return result[pairs.name]["spearman"]
@@ -159,19 +160,22 @@ def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_n
     (out / "results.json").write_text(json.dumps({"results": results, "recipe": recipe.__dict__,
                                                   "smoke": smoke, "model": model_name,
                                                   "paper_mteb15": PAPER_MTEB15}, indent=2))
-    _chart(out, results)
+    if not _chart(out, results):
+        table += "\n(no chart.png: matplotlib is not installed)"
     return table
 
 
-def _chart(out: Path, results: dict) -> None:
+def _chart(out: Path, results: dict) -> bool:
+    """Draw chart.png; False (and no file) without matplotlib, which only the dev set installs."""
     try:  # a Figure without pyplot: no backend switch, no effect on a notebook's own plots
         from matplotlib.figure import Figure
-    except ImportError:  # matplotlib is a dev dependency; the table and JSON say it all anyway
-        return
+    except ImportError:  # the table and JSON say it all anyway
+        return False
     fig = Figure(figsize=(7, 3.6))
     ax = fig.subplots()
     xs = range(len(STAGES))
-    ax.bar([x - 0.2 for x in xs], [results.get(s, 0) for s in STAGES], 0.4, label="ours (STS-B dev)")
+    ran = [s for s in STAGES if s in results]  # an interrupted run draws only the stages it finished
+    ax.bar([STAGES.index(s) - 0.2 for s in ran], [results[s] for s in ran], 0.4, label="ours (STS-B dev)")
     ax.bar([x + 0.2 for x in xs], [PAPER_MTEB15[s] for s in STAGES], 0.4, label="paper S-LLaMA (MTEB-15)")
     ax.set_xticks(list(xs), [s.replace(" + ", "\n+ ") for s in STAGES], fontsize=8)
     ax.set_ylabel("Spearman x 100")
@@ -179,12 +183,15 @@ def _chart(out: Path, results: dict) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "chart.png", dpi=120)
+    return True
 
 
 def run_demo(args) -> int:
     t0 = time.time()
+    if not args.budget_minutes > 0:
+        raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
     if getattr(args, "recipe", "demo") == "reproduce":
-        recipe = REPRODUCE
+        recipe = REPRODUCE  # its own, fixed budget (about an hour); --budget-minutes does not apply
     else:
         recipe = Recipe().scaled(args.budget_minutes / 15.0)
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -199,8 +206,10 @@ def run_demo(args) -> int:
         path = download_smollm2()
         model, tokenizer = load_pretrained(path)
         model_name, data_dir = "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", find_data_dir(args.data_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 either way
+    model.to(device)
     pairs, paragraphs, sentences, smoke = load_demo_data(data_dir, recipe)
-    print(f"llm2vec-mini demo: {model_name}; {len(pairs)} STS pairs; output in {out}")
+    print(f"llm2vec-mini demo: {model_name} on {device}; {len(pairs)} STS pairs; output in {out}")
     if smoke:
         print("No data folder found: SMOKE DEMO on a small built-in corpus, not a benchmark.")
     results = {}
@@ -217,7 +226,7 @@ def run_demo(args) -> int:
         add_lora(model, r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=0.05)
         task = mntp_task(model, tokenizer, paragraphs, block_size=recipe.mntp_block)
         train(task, TrainConfig(steps=recipe.mntp_steps, batch_size=recipe.mntp_batch, lr=recipe.mntp_lr,
-                                warmup_steps=max(1, recipe.mntp_steps // 10)), out / "mntp")
+                                warmup_steps=max(1, recipe.mntp_steps // 10), device=device), out / "mntp")
         results["Bi + MNTP"] = score(model, tokenizer, pairs, causal=False)
         print(f"      Spearman {results['Bi + MNTP']:.2f}")
 
@@ -227,8 +236,8 @@ def run_demo(args) -> int:
         add_lora(model, r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=0.05)
         task = simcse_task(model, tokenizer, sentences, max_length=recipe.simcse_max_length)
         train(task, TrainConfig(steps=recipe.simcse_steps, batch_size=recipe.simcse_batch,
-                                lr=recipe.simcse_lr, warmup_steps=max(1, recipe.simcse_steps // 10)),
-              out / "simcse")
+                                lr=recipe.simcse_lr, warmup_steps=max(1, recipe.simcse_steps // 10),
+                                device=device), out / "simcse")
         set_attention_dropout(model, 0.0)
         results["Bi + MNTP + SimCSE"] = score(model, tokenizer, pairs, causal=False)
         print(f"      Spearman {results['Bi + MNTP + SimCSE']:.2f}")
@@ -237,6 +246,6 @@ def run_demo(args) -> int:
         print(write_outputs(out, results, recipe, smoke, model_name))
         return 130
     print("\n" + write_outputs(out, results, recipe, smoke, model_name))
-    print(f"\nAdapters: {out / 'mntp'}, {out / 'simcse'}; chart: {out / 'chart.png'}; "
-          f"{(time.time() - t0) / 60:.1f} minutes.")
+    chart = f"chart: {out / 'chart.png'}; " if (out / "chart.png").exists() else ""
+    print(f"\nAdapters: {out / 'mntp'}, {out / 'simcse'}; {chart}{(time.time() - t0) / 60:.1f} minutes.")
     return 0

@@ -7,9 +7,9 @@ and per token, which is most of the memory a LoRA training step takes:
     operation        y =                          autograd keeps        the derivative needs
     SwiGLU           silu(g) * u                  g, silu(g) and u      g and u
     LoRA layer       W x + s * B A dropout(x)     the dropout mask as   x once (q, k and v share it),
-                                                  floats, dropout(x)    the mask as booleans
+                                                  floats, dropout(x)    the mask as bytes
                                                   for each projection
-    attention with   dropout(softmax(q k^T)) v    the probabilities,    q, k, v, the mask as booleans
+    attention with   dropout(softmax(q k^T)) v    the probabilities,    q, k, v, the mask as bytes
     dropout                                       the mask as floats,   (the probabilities are
                                                   their product         recomputed)
 
@@ -66,15 +66,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # The sums of two products are written as addmm (C + A B in one pass over C).
 
 def keep_mask(shape, p: float, device=None) -> torch.Tensor:
-    """A boolean tensor of `shape`, True with probability 1 - p (dropout's keep mask).
+    """Dropout's keep mask: a uint8 tensor of `shape` holding 1 with probability 1 - p, else 0.
 
-    Each element compares 32 random bits with p * 2^32; the bits come from int64 draws of the
-    global generator, viewed as int32 pairs, which costs half the time of bernoulli_.
+    Each element compares 32 random bits with p * 2^32; the bits come from full-range int64 draws
+    of the global generator, viewed as int32 pairs: half the time of `bernoulli_` here. The mask is
+    one byte per element, the bytes of a boolean tensor read as uint8, because multiplying a float
+    tensor by uint8 is the fastest way to apply it on a CPU (4x `torch.where`, 6x a bool product).
     """
     n = math.prod(shape)
-    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 1) // 2,), dtype=torch.int64, device=device)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, None)
     threshold = -2 ** 31 + round(p * 2 ** 32)  # P(bits >= threshold) = 1 - p
-    return (bits.view(torch.int32)[:n] >= threshold).view(shape)
+    return (bits.view(torch.int32)[:n] >= threshold).view(torch.uint8).view(shape)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -82,7 +84,7 @@ class _LoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, lora_a, lora_b, p, scaling):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         keep = keep_mask(x2.shape, p, x.device) if p > 0 else None
-        dropped = x2 if keep is None else torch.where(keep, x2, 0.0)  # (N, in), not kept
+        dropped = x2 if keep is None else x2 * keep  # (N, in), not kept
         v = (dropped @ lora_a.t()) * (scaling / (1.0 - p))  # (N, r)
         y = torch.addmm(x2 @ weight.t(), v, lora_b.t())  # x W^T + v B^T: (N, out)
         ctx.save_for_backward(x2, keep, weight, lora_a, lora_b, v)
@@ -95,13 +97,13 @@ class _LoRALinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         dv = (g @ lora_b) * ctx.k  # (N, r)
         grad_b = g.t() @ v  # (out, r)
-        dropped = x2 if keep is None else torch.where(keep, x2, 0.0)  # recomputed
+        dropped = x2 if keep is None else x2 * keep  # recomputed
         grad_a = dv.t() @ dropped  # (r, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             through_lora = dv @ lora_a  # (N, in)
             if keep is not None:
-                through_lora = torch.where(keep, through_lora, 0.0)
+                through_lora *= keep
             grad_x = torch.addmm(through_lora, g, weight).view(*grad.shape[:-1], x2.shape[-1])
         grad_w = g.t() @ x2 if ctx.needs_input_grad[1] else None  # only if W is trained too
         return grad_x, grad_w, grad_a, grad_b, None, None
@@ -116,7 +118,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     """
     p = p if training else 0.0
     if _plain(x, weight, lora_a, lora_b):
-        dropped = x if p == 0 else torch.where(keep_mask(x.shape, p, x.device), x, 0.0) / (1.0 - p)
+        dropped = x if p == 0 else x * keep_mask(x.shape, p, x.device) / (1.0 - p)
         return F.linear(x, weight) + F.linear(F.linear(dropped, lora_a), lora_b) * scaling
     return _LoRALinear.apply(x, weight, lora_a, lora_b, p, scaling)
 
@@ -131,7 +133,7 @@ def _plain(*tensors) -> bool:
 # -------------------------------------------------------------------------------------------------
 # Attention with dropout on the probabilities (SimCSE trains with p = 0.3), for one group of query
 # heads sharing a key/value head: S = scale * q k^T + mask, P = softmax(S), m the keep mask,
-# c = 1 / (1 - p), O = c * (m * P) v. Kept: q, k, v and m as booleans; S and P are recomputed.
+# c = 1 / (1 - p), O = c * (m * P) v. Kept: q, k, v and m (one byte each); S and P are recomputed.
 #   dL/dv = c * (m * P)^T dO          dP = c * m * (dO v^T)
 #   dS = P * (dP - rowsum(dP * P))    (softmax's derivative)
 #   dL/dq = scale * dS k              dL/dk = scale * dS^T q
@@ -146,7 +148,7 @@ class _DropoutAttention(torch.autograd.Function):
         qg = q.reshape(B, n_kv, n_heads // n_kv * T, d)  # (B, nkv, g*T, d): heads of one group stacked
         probs = _probs(qg, k, mask, scale)  # (B, nkv, g*T, T)
         keep = keep_mask(probs.shape, p, q.device)
-        out = (torch.where(keep, probs, 0.0) @ v) * (1.0 / (1.0 - p))  # (B, nkv, g*T, d)
+        out = ((probs * keep) @ v) * (1.0 / (1.0 - p))  # (B, nkv, g*T, d)
         ctx.save_for_backward(q, k, v, mask, keep)
         ctx.p, ctx.scale = p, scale
         return out.view(B, n_heads, T, d)
@@ -159,8 +161,8 @@ class _DropoutAttention(torch.autograd.Function):
         qg = q.reshape(B, n_kv, -1, d)
         probs = _probs(qg, k, mask, ctx.scale)  # recomputed: one product and a softmax
         g = grad_out.reshape(B, n_kv, -1, d) * (1.0 / (1.0 - ctx.p))  # c * dO: (B, nkv, g*T, d)
-        grad_v = torch.where(keep, probs, 0.0).transpose(-1, -2) @ g  # (B, nkv, T, d)
-        dp = torch.where(keep, g @ v.transpose(-1, -2), 0.0)  # (B, nkv, g*T, T)
+        grad_v = (probs * keep).transpose(-1, -2) @ g  # (B, nkv, T, d)
+        dp = (g @ v.transpose(-1, -2)) * keep  # (B, nkv, g*T, T)
         ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
         ds = ds * ctx.scale
         grad_q = (ds @ k).view(B, n_heads, T, d)

@@ -34,6 +34,19 @@ def shared_data_dir() -> Path:
     return path
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under LLM2VEC_MINI_REQUIRE_DATA=1 a missing reference library (pytest.importorskip) fails the
+    test instead of skipping it: CI must compare against every reference, not quietly fewer."""
+    outcome = yield
+    report = outcome.get_result()
+    if require_data() and report.skipped and call.excinfo is not None:
+        reason = str(call.excinfo.value)
+        if reason.startswith("could not import"):
+            report.outcome = "failed"
+            report.longrepr = f"{reason} (LLM2VEC_MINI_REQUIRE_DATA=1: the reference libraries are required)"
+
+
 @pytest.fixture
 def data_dir() -> Path:
     return shared_data_dir()

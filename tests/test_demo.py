@@ -27,3 +27,50 @@ def test_tiny_demo_writes_table_chart_and_adapters(tmp_path, capsys):
         assert cfg["peft_type"] == "LORA" and cfg["r"] == 16
         tensors = load_file(out / name / "adapter_model.safetensors")
         assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in tensors.items())
+
+
+def test_ctrl_c_keeps_what_finished(tmp_path, capsys, monkeypatch):
+    import llm2vec_mini.demo as demo
+
+    real_train, calls = demo.train, []
+
+    def train_then_interrupt(*args, **kwargs):  # Ctrl-C during the second training stage (SimCSE)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "train", train_then_interrupt)
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--out", str(out)]) == 130
+    assert "Interrupted: keeping what finished" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert list(results) == ["Uni + mean", "Bi + mean", "Bi + MNTP"]
+    assert "Bi + MNTP + SimCSE  (not run)" in (out / "table.txt").read_text()
+    assert (out / "mntp" / "adapter_model.safetensors").exists()  # the finished stage's adapter
+
+
+def test_data_folder_is_found_in_the_documented_order(tmp_path, monkeypatch):
+    import llm2vec_mini.demo as demo
+
+    def data_dir(path):
+        (path / "stsbenchmark").mkdir(parents=True)
+        (path / "stsbenchmark" / "sts-dev.csv").write_text("")
+        return path
+
+    flag, env = data_dir(tmp_path / "flag"), data_dir(tmp_path / "env")
+    beside = data_dir(tmp_path / "shared" / "data")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # ../shared/data from here is `beside`
+    monkeypatch.setattr(demo, "__file__", str(tmp_path / "a" / "b" / "c" / "demo.py"))
+    monkeypatch.setenv("LLM2VEC_MINI_DATA", str(env))
+    assert demo.find_data_dir(flag) == flag
+    assert demo.find_data_dir() == env
+    monkeypatch.delenv("LLM2VEC_MINI_DATA")
+    assert demo.find_data_dir() == beside
+    monkeypatch.chdir(tmp_path)
+    assert demo.find_data_dir() is None  # the smoke demo's built-in corpus then
+    with pytest.raises(FileNotFoundError, match="no stsbenchmark/sts-dev.csv"):
+        demo.find_data_dir(tmp_path / "work")
+    assert main(["demo", "--tiny", "--budget-minutes", "0"]) == 2

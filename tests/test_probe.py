@@ -312,3 +312,19 @@ def test_bad_input_raises_typed_errors(tmp_path, synthetic):
         train_probe(np.zeros((4, 3), np.float32), np.array([0, 1, 2, 3]), 3)
     # a bare LlamaModel is accepted as well as a LlamaForCausalLM
     assert extract_word_features(LlamaModel(LlamaConfig.tiny()), ChunkTokenizer(words), [words]).shape == (3, 64)
+
+
+def test_eval_probe_command_prints_the_result(synthetic, tiny_llama_dir, capsys):
+    from llm2vec_mini.cli import main
+
+    _, files = synthetic
+    for extra, attention in (([], "bidirectional"), (["--causal"], "causal")):
+        assert main(["eval-probe", "--model", str(tiny_llama_dir), "--train", str(files["word"][0]),
+                     "--test", str(files["word"][1]), "--max-sentences", "40", "--device", "cpu",
+                     *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["attention"] == attention and result["mode"] == "first"
+        assert result["n_train"] > 100 and 0.0 <= result["accuracy"] <= 1.0
+    assert main(["eval-probe", "--model", str(tiny_llama_dir), "--train", "missing.conllu",
+                 "--test", str(files["word"][1]), "--device", "cpu"]) == 2
+    assert "missing.conllu" in capsys.readouterr().err

@@ -421,12 +421,15 @@ and only $A$ and $B$ are trained: $r\,(d_\text{in} + d_\text{out})$ numbers inst
 $d_\text{in} d_\text{out}$. LLM2Vec uses $r = 16$, $\alpha = 32$ and dropout 0.05 on all seven projections
 (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`). This notebook follows
 `llm2vec_mini.lora` through the life of an adapter: add it, check that it starts as a no-op, merge it
-into $W$ and back, train one, and save it in PEFT's format. Everything runs on a tiny model in seconds.
+into $W$ and back, train one, and save it in PEFT's format. Everything runs on a tiny model in seconds;
+the last section puts adapters on the real SmolLM2-135M and runs only with **`LLM2VEC_MINI_REAL=1`**.
 """),
 code(r"""
 import copy
 import json
+import os
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -437,6 +440,9 @@ from torch.testing import assert_close
 from llm2vec_mini import LlamaConfig, LlamaForCausalLM
 from llm2vec_mini.lora import (LLM2VEC_TARGETS, LoRALinear, add_lora, load_adapter, lora_layers,
                                merge_lora, save_adapter, unmerge_lora)
+from llm2vec_mini.ops import keep_mask
+
+""" + REAL_GATE + r"""
 
 torch.set_num_threads(1)  # tiny matrices: one thread is the fastest, and fair to a shared CPU
 torch.manual_seed(0)
@@ -507,6 +513,32 @@ assert isinstance(layer, LoRALinear) and (layer.lora_B.weight == 0).all() and (l
 assert torch.equal(logits_lora, logits_base)  # bit for bit
 assert torch.equal(logits_train, logits_base)
 print("with B = 0 the adapted model's logits equal the base model's exactly")
+"""),
+md(r"""
+## 2b. What the low-rank path sees in training: LoRA's dropout
+
+In training mode the input of the low-rank path goes through dropout, $\mathrm{dropout}(x) = m \odot x / (1-p)$
+with $m_{ij} \sim \mathrm{Bernoulli}(1-p)$ drawn anew for every projection and every step; the frozen
+path $Wx$ always sees all of $x$. The package draws $m$ as booleans (`llm2vec_mini.ops.keep_mask`) and
+keeps only those and $x$ for the backward pass. Below, one draw for a batch of 10 tokens, with the
+recipe's $p = 0.05$ and with a large $p = 0.3$ to make the pattern visible: black cells are the
+entries the low-rank path does not see.
+"""),
+code(r"""
+torch.manual_seed(3)
+fig, axes = plt.subplots(1, 2, figsize=(10, 2.4))
+for ax, p in zip(axes, (0.05, 0.3)):
+    m = keep_mask((10, config.hidden_size), p)  # (tokens, features), True = kept
+    ax.imshow(m, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_title(f"keep mask m, p = {p}: {100 * (1 - m.float().mean()):.1f} % dropped", fontsize=10)
+    ax.set_xlabel("feature of x")
+    ax.set_ylabel("token")
+fig.tight_layout()
+plt.show()
+
+torch.manual_seed(0)
+big_draw = keep_mask((1000, 1000), 0.05)
+assert abs(1 - big_draw.float().mean().item() - 0.05) < 0.001  # the rate over a million draws
 """),
 md(r"""
 ## 3. Merging: $W' = W + \frac{\alpha}{r} BA$
@@ -639,6 +671,46 @@ with torch.no_grad():
     assert_close(reloaded.model(test_ids), student.model(test_ids))
 print("the reloaded adapter reproduces the student")
 WORK.cleanup()  # remove the files written above
+"""),
+md(r"""
+## 6. The real model (`LLM2VEC_MINI_REAL=1`)
+
+LLM2Vec's adapters on SmolLM2-135M-Instruct: $r = 16$, $\alpha = 32$ on the seven projections of its 30
+layers. We check the trainable count against the formula, that a fresh adapter leaves the logits
+unchanged, and that one backward pass of a real batch (8 sentences of WikiText-2) puts gradients on
+the adapters only. About half a minute on a 2-core CPU.
+"""),
+code(r"""
+from llm2vec_mini.data import read_lines
+from llm2vec_mini.hub import smollm2_path
+
+WIKITEXT = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data")) / "wikitext-2" / "valid.txt"
+if not REAL:
+    print("skipped: set LLM2VEC_MINI_REAL=1 to put LoRA adapters on SmolLM2")
+elif not WIKITEXT.is_file():
+    print(f"skipped: {WIKITEXT} not found")
+else:
+    import llm2vec_mini
+
+    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core
+    real, real_tokenizer = llm2vec_mini.load_pretrained(smollm2_path())
+    texts = [line for line in read_lines(WIKITEXT) if len(line) > 80][:8]
+    batch = torch.tensor([real_tokenizer.encode(t)[:48] for t in texts])  # (8, 48), none shorter
+    with torch.no_grad():
+        plain_logits = real(batch)
+    add_lora(real, r=16, alpha=32.0, dropout=0.05)  # the decoder stays causal here
+    real_trainable, real_frozen = count(real)
+    assert real_trainable == lora_size_by_hand(real.config, 16) == 4_884_480
+    with torch.no_grad():
+        assert torch.equal(real.eval()(batch), plain_logits)  # B = 0: a no-op, bit for bit
+    real.train()
+    start = time.perf_counter()
+    loss = F.cross_entropy(real(batch)[:, :-1].flatten(0, 1), batch[:, 1:].flatten())  # next-token loss
+    loss.backward()
+    print(f"{real_trainable:,} trainable of {real_trainable + real_frozen:,}; next-token loss {loss.item():.3f}; "
+          f"forward + backward {time.perf_counter() - start:.1f} s")
+    assert all((p.grad is not None) == p.requires_grad for p in real.parameters())
+    assert all(p.grad.abs().sum() > 0 for n, p in real.named_parameters() if n.endswith("lora_B.weight"))
 """),
 md(r"""
 ## What we have
@@ -1006,11 +1078,12 @@ $$
 That is a cross-entropy over the $N \times N$ matrix of scaled cosines $S_{ij} = \cos(h_i, h_j^+)/\tau$
 with the diagonal as targets. LLM2Vec uses $1/\tau = 20$, attention dropout 0.3, a fresh LoRA adapter on
 the MNTP model (merged), mean pooling, batch 128 and 1,000 steps on a million Wikipedia sentences
-(the official `train_configs/simcse`). Here a tiny random model learns on a toy language in seconds; no cell needs the
-real model.
+(the official `train_configs/simcse`). Here a tiny random model learns on a toy language in seconds; the
+last section measures the real SmolLM2-135M and runs only with **`LLM2VEC_MINI_REAL=1`**.
 """),
 code(r"""
 import json
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -1025,10 +1098,13 @@ from torch.testing import assert_close
 
 from llm2vec_mini import LlamaConfig, LlamaForCausalLM
 from llm2vec_mini.lora import add_lora
+from llm2vec_mini.ops import keep_mask
 from llm2vec_mini.recipes import set_attention_dropout, simcse_task
 from llm2vec_mini.simcse import cosine_matrix, unsup_simcse_loss
 from llm2vec_mini.tokenizer import Tokenizer
 from llm2vec_mini.train import TrainConfig, train
+
+""" + REAL_GATE + r"""
 
 torch.set_num_threads(1)  # tiny matrices: one thread is the fastest, and fair to a shared CPU
 WORK = tempfile.TemporaryDirectory(prefix="llm2vec_mini_")  # for the adapters and logs we write
@@ -1081,6 +1157,40 @@ off_diagonal = cross[~torch.eye(8, dtype=torch.bool)]
 print(f"cos of the two views of a sentence: {cross.diagonal().mean():.3f} on average; "
       f"of two different sentences: {off_diagonal.mean():.3f}")
 assert cross.diagonal().min() > off_diagonal.max()
+"""),
+md(r"""
+## 1b. Where the two views come from: dropout on the attention probabilities
+
+With attention dropout $p = 0.3$, each pass zeroes a fresh 30 % of the attention probabilities of
+every head and scales the rest by $1/(1-p)$: $O = \frac{1}{1-p}(m \odot P)\,V$. Below, the probabilities
+$P$ of one head of the first layer for the first sentence, and the two masked versions the two passes
+use (black: dropped). Two different masks, two slightly different embeddings.
+"""),
+code(r"""
+from llm2vec_mini.model import apply_rope, positions_from_mask, rope_cos_sin
+
+layer0 = model.model.layers[0].self_attn
+with torch.no_grad():
+    x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids[:1]))  # (1, T, hidden)
+    T = x.shape[1]
+    q = layer0.q_proj(x).view(1, T, layer0.n_heads, -1).transpose(1, 2)  # (1, nh, T, d)
+    k = layer0.k_proj(x).view(1, T, layer0.n_kv_heads, -1).transpose(1, 2)  # (1, nkv, T, d)
+    cos, sin = rope_cos_sin(model.model.inv_freq, positions_from_mask(None, 1, T, x.device), x.dtype)
+    q, k = apply_rope(q, k, cos, sin)
+    P = torch.softmax(q[0, 0] @ k[0, 0].T / q.shape[-1] ** 0.5, dim=-1)  # (T, T), head 0
+torch.manual_seed(1)
+views = [P * keep_mask(P.shape, 0.3) / 0.7 for _ in range(2)]  # two passes, two masks
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+for ax, matrix, title in zip(axes, [P] + views, ["P (no dropout)", "pass 1", "pass 2"]):
+    ax.imshow(matrix, cmap="magma", vmin=0, vmax=float(max(v.max() for v in views)))
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("key position")
+axes[0].set_ylabel("query position")
+fig.tight_layout()
+plt.show()
+assert torch.allclose(P.sum(-1), torch.ones(T)) and not torch.equal(views[0], views[1])
+dropped = [(v == 0).float().mean().item() for v in views]
+print(f"dropped in pass 1: {dropped[0]:.0%}, in pass 2: {dropped[1]:.0%}")
 """),
 md(r"""
 ## 2. The loss, by hand
@@ -1172,6 +1282,47 @@ assert np.mean([r["loss"] for r in records[-10:]]) < records[0]["loss"] / 3
 assert after[others].mean() < before[others].mean() - 0.3  # pushed apart
 assert after[is_pair].mean() - after[others].mean() > before[is_pair].mean() - before[others].mean()
 WORK.cleanup()  # remove the adapter and the log written above
+"""),
+md(r"""
+## 4. The real model (`LLM2VEC_MINI_REAL=1`)
+
+SmolLM2-135M-Instruct, bidirectional, with LLM2Vec's attention dropout 0.3, on 32 sentences of the
+wiki1m slice: before any training the two dropout views of a sentence are already far closer to each
+other than to other sentences, and the loss starts well below chance ($\ln 32 \approx 3.47$), because a
+pretrained model's embeddings already separate sentences. (`make demo` and
+`python -m llm2vec_mini train-simcse` train it; about half a minute here.)
+"""),
+code(r"""
+from llm2vec_mini.data import read_lines
+from llm2vec_mini.hub import smollm2_path
+
+WIKI1M = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data")) / "wiki1m_slice" / \
+    "wiki1m_for_simcse.first11914.txt"
+if not REAL:
+    print("skipped: set LLM2VEC_MINI_REAL=1 to measure SmolLM2's SimCSE loss")
+elif not WIKI1M.is_file():
+    print(f"skipped: {WIKI1M} not found")
+else:
+    import llm2vec_mini
+
+    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core
+    real, real_tokenizer = llm2vec_mini.load_pretrained(smollm2_path())
+    real.set_causal(False)
+    set_attention_dropout(real, 0.3)
+    real_sentences = [s for s in read_lines(WIKI1M) if len(s) >= 15][:32]
+    real_task = simcse_task(real, real_tokenizer, real_sentences, max_length=32)
+    real_batch = real_task.make_batch(list(range(32)), None)
+    real.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        r1, r2 = real_task.embed(*real_batch), real_task.embed(*real_batch)  # (32, 576) each
+    real_cross = cosine_matrix(r1, r2)
+    real_loss = unsup_simcse_loss(r1, r2, 20.0).item()
+    real_off = real_cross[~torch.eye(32, dtype=torch.bool)]
+    print(f"two views: cos {real_cross.diagonal().mean():.3f}; different sentences: {real_off.mean():.3f}; "
+          f"loss {real_loss:.3f} (chance {np.log(32):.3f})")
+    assert real_cross.diagonal().mean() > real_off.mean()
+    assert real_loss < np.log(32)
 """),
 md(r"""
 ## What we have

@@ -37,6 +37,9 @@ PAIRS = [
 ]
 
 
+MIXED = PLAIN + PAIRS + [p[1] for p in PAIRS]  # 18 texts, 1 to about 150 tokens
+
+
 def parity_jobs(kind: str) -> dict:
     """name -> official encode job (any key the driver's `encode` takes)."""
     modes = ["mean", "weighted_mean", "eos_token", "last_token"] + (["bos_token"] if kind == "llama-spm" else [])
@@ -54,6 +57,9 @@ def parity_jobs(kind: str) -> dict:
         "mntp-only": dict(texts=PLAIN, pooling_mode="mean", peft=None, batch_size=3),
         "empty-text": dict(texts=["", "A short one.", "and a somewhat longer second sentence"],
                            pooling_mode="mean", batch_size=3),
+        # texts of mixed lengths (with and without instructions) one at a time and in uneven batches
+        "mixed-batch1": dict(texts=MIXED, pooling_mode="mean", batch_size=1),
+        "mixed-batch7": dict(texts=MIXED, pooling_mode="mean", batch_size=7),
         # official self-checks only
         "plain-mean-batch1": dict(texts=PLAIN, pooling_mode="mean", batch_size=1),
     })
