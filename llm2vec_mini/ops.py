@@ -190,12 +190,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 
     q (B, nh, T, d), k and v (B, nkv, T, d), mask additive (B or 1, 1, T, T) or None -> (B, nh, T, d).
     Query head h reads key/value head h // (nh / nkv), as in Hugging Face's `repeat_kv`.
-    Training with dropout on a CPU takes `_DropoutAttention`; inference on a CPU, for up to SHORT
-    tokens, the same formula without dropout; everything else torch's scaled_dot_product_attention.
+    Dropout on a CPU takes `_DropoutAttention`; inference on a CPU, for up to SHORT tokens, the same
+    formula without dropout; everything else torch's scaled_dot_product_attention.
     """
     B, n_heads, T, d = q.shape
-    on_cpu = q.device.type == "cpu"
-    lean = dropout_p > 0 and on_cpu and not _plain(q, k, v)
+    on_cpu = q.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    # with dropout on a CPU always the same masks (keep_mask), whether or not gradients are needed
+    lean = dropout_p > 0 and on_cpu
     short = dropout_p == 0 and on_cpu and T <= SHORT and not (torch.is_grad_enabled() and q.requires_grad)
     if lean or short:  # the grouped formula, which takes the causal mask as a tensor
         if is_causal:

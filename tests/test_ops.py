@@ -204,3 +204,22 @@ def test_short_inference_attention_equals_torch_sdpa(n_kv, case):
     with torch.no_grad():
         got = attention(q, k, v, mask, case == "causal", 0.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_same_seed_draws_the_same_dropout_with_or_without_gradients():
+    from llm2vec_mini.ops import attention
+
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 6, 8, generator=g, requires_grad=True)
+    k, v = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    x = torch.randn(2, 6, 8, generator=g, requires_grad=True)
+    w, a, b = torch.randn(5, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(5, 2, generator=g)
+    for fn in (lambda: attention(q, k, v, None, False, 0.3),
+               lambda: lora_linear(x, w, a, b, p=0.3, scaling=2.0, training=True)):
+        torch.manual_seed(4)
+        with_grad = fn()
+        torch.manual_seed(4)
+        with torch.no_grad():
+            without = fn()
+        assert with_grad.requires_grad and not without.requires_grad
+        torch.testing.assert_close(with_grad.detach(), without, rtol=1e-6, atol=1e-6)
