@@ -37,7 +37,9 @@ PAIRS = [
 ]
 
 
-MIXED = PLAIN + PAIRS + [p[1] for p in PAIRS]  # 18 texts, 1 to about 150 tokens
+# 18 texts of 1 to about 150 tokens, with and without instructions (one call of the official encode
+# takes either strings or pairs, so the plain texts come as pairs with an empty instruction)
+MIXED = PAIRS + [["", t] for t in PLAIN + [p[1] for p in PAIRS]]
 
 
 def parity_jobs(kind: str) -> dict:
