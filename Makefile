@@ -42,8 +42,10 @@ test-reference: setup model reference-setup
 	LLM2VEC_MINI_REFERENCE=1 $(PY) -m pytest tests/reference $(PYTEST_ARGS)
 
 # Speed and memory against the reference stacks, each measured in one run (not tests: they print).
+# bench_load_hf writes a 5.4 GB Sheared-LLaMA-shaped checkpoint to a temporary folder (and removes it).
 bench: setup model reference-setup
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_load_hf.py
 	$(PY) benchmarks/bench_encode.py
 	$(PY) benchmarks/bench_train.py
 

@@ -142,7 +142,8 @@ def score(model, tokenizer, pairs, causal: bool) -> float:
     return result[pairs.name]["spearman"]
 
 
-def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_name: str) -> str:
+def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_name: str,
+                  seed: int = 42) -> str:
     rows = [("stage", "ours: STS-B dev", "paper: S-LLaMA-1.3B, MTEB-15 avg")]
     for stage in STAGES:
         ours = f"{results[stage]:.2f}" if stage in results else "(not run)"
@@ -150,7 +151,7 @@ def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_n
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    note = [f"model: {model_name}; Spearman x 100 of cosine, mean pooling.",
+    note = [f"model: {model_name}; Spearman x 100 of cosine, mean pooling; seed {seed}.",
             f"paper column: LLM2Vec (arXiv 2404.05961) Table 5, Sheared-LLaMA-1.3B, 15-task MTEB average"
             f" (its STS-B for the full model: {PAPER_STSB_FULL}, Table 11); a different model and data."]
     if smoke:
@@ -158,6 +159,7 @@ def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_n
     table = "\n".join(lines + [""] + note)
     (out / "table.txt").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"results": results, "recipe": recipe.__dict__,
+                                                  "seed": seed,
                                                   "smoke": smoke, "model": model_name,
                                                   "paper_mteb15": PAPER_MTEB15}, indent=2))
     if not _chart(out, results):
@@ -212,6 +214,7 @@ def run_demo(args) -> int:
     print(f"llm2vec-mini demo: {model_name} on {device}; {len(pairs)} STS pairs; output in {out}")
     if smoke:
         print("No data folder found: SMOKE DEMO on a small built-in corpus, not a benchmark.")
+    seed = getattr(args, "seed", 42)  # every random draw of the run: adapters, batches, masks, dropout
     results = {}
     try:
         print("\n[1/4] Uni + mean: the decoder as it is")
@@ -223,29 +226,32 @@ def run_demo(args) -> int:
 
         print(f"[3/4] MNTP: {recipe.mntp_steps} steps of {recipe.mntp_batch} x {recipe.mntp_block} tokens")
         model.set_causal(False)
+        torch.manual_seed(seed)  # the adapters' initial values
         add_lora(model, r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=0.05)
         task = mntp_task(model, tokenizer, paragraphs, block_size=recipe.mntp_block)
         train(task, TrainConfig(steps=recipe.mntp_steps, batch_size=recipe.mntp_batch, lr=recipe.mntp_lr,
-                                warmup_steps=max(1, recipe.mntp_steps // 10), device=device), out / "mntp")
+                                warmup_steps=max(1, recipe.mntp_steps // 10), seed=seed, device=device),
+              out / "mntp")
         results["Bi + MNTP"] = score(model, tokenizer, pairs, causal=False)
         print(f"      Spearman {results['Bi + MNTP']:.2f}")
 
         print(f"[4/4] SimCSE: {recipe.simcse_steps} steps of {recipe.simcse_batch} sentences")
         merge_and_unload(model)  # the MNTP adapter becomes part of the weights, as in LLM2Vec
         set_attention_dropout(model, 0.3)
+        torch.manual_seed(seed + 1)
         add_lora(model, r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=0.05)
         task = simcse_task(model, tokenizer, sentences, max_length=recipe.simcse_max_length)
         train(task, TrainConfig(steps=recipe.simcse_steps, batch_size=recipe.simcse_batch,
                                 lr=recipe.simcse_lr, warmup_steps=max(1, recipe.simcse_steps // 10),
-                                device=device), out / "simcse")
+                                seed=seed, device=device), out / "simcse")
         set_attention_dropout(model, 0.0)
         results["Bi + MNTP + SimCSE"] = score(model, tokenizer, pairs, causal=False)
         print(f"      Spearman {results['Bi + MNTP + SimCSE']:.2f}")
     except KeyboardInterrupt:
         print("\nInterrupted: keeping what finished.")
-        print(write_outputs(out, results, recipe, smoke, model_name))
+        print(write_outputs(out, results, recipe, smoke, model_name, seed))
         return 130
-    print("\n" + write_outputs(out, results, recipe, smoke, model_name))
+    print("\n" + write_outputs(out, results, recipe, smoke, model_name, seed))
     chart = f"chart: {out / 'chart.png'}; " if (out / "chart.png").exists() else ""
     print(f"\nAdapters: {out / 'mntp'}, {out / 'simcse'}; {chart}{(time.time() - t0) / 60:.1f} minutes.")
     return 0

@@ -395,9 +395,7 @@ MNTP. A smoke run asserts no order at all. `write_outputs` also saves the table 
 `results.json`, as `make demo` does.
 """),
 code(r"""
-backend = plt.get_backend()
 print(write_outputs(OUT, RESULTS, RECIPE, SMOKE, MODEL_NAME))
-plt.switch_backend(backend)  # write_outputs saves its chart with matplotlib.use("Agg"): undo that here
 print("\nseconds per stage:", {k: round(v, 1) for k, v in SECONDS.items()})
 
 fig, ax = plt.subplots(figsize=(8, 3.8))
