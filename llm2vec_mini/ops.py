@@ -55,6 +55,8 @@ class _SiluMul(torch.autograd.Function):
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise, any shape: the middle of Llama's SwiGLU MLP."""
+    if _plain(gate, up):  # nothing to keep for a backward pass
+        return F.silu(gate) * up
     return _SiluMul.apply(gate, up)
 
 
@@ -137,7 +139,7 @@ def _plain(*tensors) -> bool:
 #   dL/dv = c * (m * P)^T dO          dP = c * m * (dO v^T)
 #   dS = P * (dP - rowsum(dP * P))    (softmax's derivative)
 #   dL/dq = scale * dS k              dL/dk = scale * dS^T q
-# Without dropout, or on a GPU, torch's own scaled_dot_product_attention kernels are used.
+# On a GPU torch's own scaled_dot_product_attention kernels do all of this (see `attention`).
 
 class _DropoutAttention(torch.autograd.Function):
     @staticmethod

@@ -36,6 +36,20 @@ REAL = os.environ.get("LLM2VEC_MINI_REAL") == "1"  # the one switch for the Smol
 '''.strip("\n")
 
 
+def real_model_cell(var: str, path: str, what: str) -> str:
+    """The head of a cell that runs only with LLM2VEC_MINI_REAL=1 and the data file at hand."""
+    return (f"from llm2vec_mini.data import read_lines\n"
+            f"from llm2vec_mini.hub import smollm2_path\n\n"
+            f'{var} = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data")) / {path}\n'
+            f"if not REAL:\n"
+            f'    print("skipped: set LLM2VEC_MINI_REAL=1 to {what}")\n'
+            f"elif not {var}.is_file():\n"
+            f'    print(f"skipped: {{{var}}} not found")\n'
+            f"else:\n"
+            f"    import llm2vec_mini\n\n"
+            f"    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core")
+
+
 # =================================================================================================
 # 04: pooling and encoding
 
@@ -680,19 +694,7 @@ layers. We check the trainable count against the formula, that a fresh adapter l
 unchanged, and that one backward pass of a real batch (8 sentences of WikiText-2) puts gradients on
 the adapters only. About half a minute on a 2-core CPU.
 """),
-code(r"""
-from llm2vec_mini.data import read_lines
-from llm2vec_mini.hub import smollm2_path
-
-WIKITEXT = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data")) / "wikitext-2" / "valid.txt"
-if not REAL:
-    print("skipped: set LLM2VEC_MINI_REAL=1 to put LoRA adapters on SmolLM2")
-elif not WIKITEXT.is_file():
-    print(f"skipped: {WIKITEXT} not found")
-else:
-    import llm2vec_mini
-
-    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core
+code(real_model_cell("WIKITEXT", '"wikitext-2" / "valid.txt"', "put LoRA adapters on SmolLM2") + r"""
     real, real_tokenizer = llm2vec_mini.load_pretrained(smollm2_path())
     texts = [line for line in read_lines(WIKITEXT) if len(line) > 80][:8]
     batch = torch.tensor([real_tokenizer.encode(t)[:48] for t in texts])  # (8, 48), none shorter
@@ -1018,19 +1020,7 @@ with bidirectional attention (our run: 5.12 and 5.91; half a minute on a busy 2-
 toy, the switch alone makes the untrained model worse. Training it is the CLI's job
 (`python -m llm2vec_mini train-mntp`), best on a GPU.
 """),
-code(r"""
-from llm2vec_mini.data import read_lines
-from llm2vec_mini.hub import smollm2_path
-
-WIKITEXT = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data")) / "wikitext-2" / "valid.txt"
-if not REAL:
-    print("skipped: set LLM2VEC_MINI_REAL=1 to measure SmolLM2's MNTP loss")
-elif not WIKITEXT.is_file():
-    print(f"skipped: {WIKITEXT} not found")
-else:
-    import llm2vec_mini
-
-    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core
+code(real_model_cell("WIKITEXT", '"wikitext-2" / "valid.txt"', "measure SmolLM2's MNTP loss") + r"""
     real_model, real_tokenizer = llm2vec_mini.load_pretrained(smollm2_path())
     real_task = mntp_task(real_model, real_tokenizer, read_lines(WIKITEXT)[:200], block_size=128,
                           max_blocks=8)
@@ -1292,20 +1282,8 @@ other than to other sentences, and the loss starts well below chance ($\ln 32 \a
 pretrained model's embeddings already separate sentences. (`make demo` and
 `python -m llm2vec_mini train-simcse` train it; about half a minute here.)
 """),
-code(r"""
-from llm2vec_mini.data import read_lines
-from llm2vec_mini.hub import smollm2_path
-
-WIKI1M = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data")) / "wiki1m_slice" / \
-    "wiki1m_for_simcse.first11914.txt"
-if not REAL:
-    print("skipped: set LLM2VEC_MINI_REAL=1 to measure SmolLM2's SimCSE loss")
-elif not WIKI1M.is_file():
-    print(f"skipped: {WIKI1M} not found")
-else:
-    import llm2vec_mini
-
-    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core
+code(real_model_cell("WIKI1M", '"wiki1m_slice" / "wiki1m_for_simcse.first11914.txt"',
+                     "measure SmolLM2's SimCSE loss") + r"""
     real, real_tokenizer = llm2vec_mini.load_pretrained(smollm2_path())
     real.set_causal(False)
     set_attention_dropout(real, 0.3)
