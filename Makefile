@@ -26,7 +26,7 @@ test: setup model
 demo: setup model
 	$(PY) -m llm2vec_mini demo
 
-# The paper's trend on SmolLM2 with more training (about an hour on 2 CPU cores; not run in CI).
+# The paper's trend on SmolLM2 with more training (about half an hour on 2 CPU cores; not run in CI).
 reproduce: setup model
 	$(PY) -m llm2vec_mini demo --recipe reproduce --out runs/reproduce
 

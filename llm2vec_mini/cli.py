@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="one run is one draw: other seeds show the spread")
     p.add_argument("--tiny", action="store_true", help="a tiny random model (a smoke run, for tests)")
     p.add_argument("--recipe", default="demo", choices=["demo", "reproduce"],
-                   help="demo: minutes, 400 STS-B dev pairs; reproduce: about an hour, all 1,500")
+                   help="demo: minutes, 400 STS-B dev pairs; reproduce: about half an hour, all 1,500")
     p.set_defaults(func=_cmd_demo)
     return parser
 

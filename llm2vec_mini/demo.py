@@ -193,7 +193,7 @@ def run_demo(args) -> int:
     if not args.budget_minutes > 0:
         raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
     if getattr(args, "recipe", "demo") == "reproduce":
-        recipe = REPRODUCE  # its own, fixed budget (about an hour); --budget-minutes does not apply
+        recipe = REPRODUCE  # its own, fixed budget (about half an hour); --budget-minutes does not apply
     else:
         recipe = Recipe().scaled(args.budget_minutes / 15.0)
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")

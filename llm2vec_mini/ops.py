@@ -9,16 +9,16 @@ and per token, which is most of the memory a LoRA training step takes:
     LoRA layer       W x + s * B A dropout(x)     the dropout mask as   x once (q, k and v share it),
                                                   floats, dropout(x)    the mask as bytes
                                                   for each projection
-    attention with   dropout(softmax(q k^T)) v    the probabilities,    q, k, v, the mask as bytes
-    dropout                                       the mask as floats,   (the probabilities are
-                                                  their product         recomputed)
+    attention with   dropout(softmax(q k^T)) v    the probabilities,    q, k, v, the probabilities,
+    dropout                                       the mask as floats,   the mask as bytes
+                                                  their product
 
 Each is a `torch.autograd.Function`: `forward` computes the formula and saves the smaller set,
 `backward` is the derivative worked out by hand (written next to it). tests/test_ops.py checks values
 and gradients against plain autograd on the textbook formulas, in float64.
 
-The dropout mask draws 32 random bits per element, 64 at a time (`keep_mask`), which is about twice
-as fast on a CPU as `torch.bernoulli_`; the keep probability is exact to 2^-32.
+The dropout masks come from `keep_mask`: 16 random bits per element, 64 at a time, three times as
+fast on a CPU as `torch.bernoulli_`, at a rate within 7.7e-6 of p (`dropout_rate`).
 
 References:
 1) Shazeer, "GLU Variants Improve Transformer", 2020, https://arxiv.org/abs/2002.05202
@@ -67,18 +67,24 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 #   dL/dA = dv^T (m * x)    dL/dx = grad W + m * (dv A)       (W is frozen: no dL/dW)
 # The sums of two products are written as addmm (C + A B in one pass over C).
 
-def keep_mask(shape, p: float, device=None) -> torch.Tensor:
-    """Dropout's keep mask: a uint8 tensor of `shape` holding 1 with probability 1 - p, else 0.
+def dropout_rate(p: float) -> float:
+    """The rate `keep_mask` draws: p rounded to a multiple of 2^-16, within 7.7e-6 of p."""
+    return round(p * 2 ** 16) / 2 ** 16
 
-    Each element compares 32 random bits with p * 2^32; the bits come from full-range int64 draws
-    of the global generator, viewed as int32 pairs: half the time of `bernoulli_` here. The mask is
-    one byte per element, the bytes of a boolean tensor read as uint8, because multiplying a float
-    tensor by uint8 is the fastest way to apply it on a CPU (4x `torch.where`, 6x a bool product).
+
+def keep_mask(shape, p: float, device=None) -> torch.Tensor:
+    """Dropout's keep mask: a uint8 tensor of `shape` holding 1 with probability 1 - dropout_rate(p).
+
+    Each element compares 16 random bits with the rate: the bits come from full-range int64 draws of
+    the global generator, viewed as four int16 each, a quarter of the draws (and here a third of the
+    time) of `bernoulli_`; callers scale by 1 / (1 - dropout_rate(p)), so dropout(x) has mean x
+    exactly. The mask takes one byte per element, the bytes of a boolean tensor read as uint8,
+    because multiplying a float tensor by uint8 is the fastest way to apply it on a CPU.
     """
     n = math.prod(shape)
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, None)
-    threshold = -2 ** 31 + round(p * 2 ** 32)  # P(bits >= threshold) = 1 - p
-    return (bits.view(torch.int32)[:n] >= threshold).view(torch.uint8).view(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    threshold = -2 ** 15 + round(p * 2 ** 16)  # P(bits >= threshold) = 1 - dropout_rate(p)
+    return (bits.view(torch.int16)[:n] >= threshold).view(torch.uint8).view(shape)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -87,10 +93,11 @@ class _LoRALinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         keep = keep_mask(x2.shape, p, x.device) if p > 0 else None
         dropped = x2 if keep is None else x2 * keep  # (N, in), not kept
-        v = (dropped @ lora_a.t()) * (scaling / (1.0 - p))  # (N, r)
+        k = scaling / (1.0 - dropout_rate(p))
+        v = (dropped @ lora_a.t()) * k  # (N, r)
         y = torch.addmm(x2 @ weight.t(), v, lora_b.t())  # x W^T + v B^T: (N, out)
         ctx.save_for_backward(x2, keep, weight, lora_a, lora_b, v)
-        ctx.k = scaling / (1.0 - p)
+        ctx.k = k
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -120,7 +127,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     """
     p = p if training else 0.0
     if _plain(x, weight, lora_a, lora_b):
-        dropped = x if p == 0 else x * keep_mask(x.shape, p, x.device) / (1.0 - p)
+        dropped = x if p == 0 else x * keep_mask(x.shape, p, x.device) / (1.0 - dropout_rate(p))
         return F.linear(x, weight) + F.linear(F.linear(dropped, lora_a), lora_b) * scaling
     return _LoRALinear.apply(x, weight, lora_a, lora_b, p, scaling)
 
@@ -135,7 +142,8 @@ def _plain(*tensors) -> bool:
 # -------------------------------------------------------------------------------------------------
 # Attention with dropout on the probabilities (SimCSE trains with p = 0.3), for one group of query
 # heads sharing a key/value head: S = scale * q k^T + mask, P = softmax(S), m the keep mask,
-# c = 1 / (1 - p), O = c * (m * P) v. Kept: q, k, v and m (one byte each); S and P are recomputed.
+# c = 1 / (1 - p), O = c * (m * P) v. Kept: q, k, v, P, and m as bytes (torch's own math path keeps
+# P, a float mask and their product).
 #   dL/dv = c * (m * P)^T dO          dP = c * m * (dO v^T)
 #   dS = P * (dP - rowsum(dP * P))    (softmax's derivative)
 #   dL/dq = scale * dS k              dL/dk = scale * dS^T q
@@ -150,24 +158,21 @@ class _DropoutAttention(torch.autograd.Function):
         qg = q.reshape(B, n_kv, n_heads // n_kv * T, d)  # (B, nkv, g*T, d): heads of one group stacked
         probs = _probs(qg, k, mask, scale)  # (B, nkv, g*T, T)
         keep = keep_mask(probs.shape, p, q.device)
-        out = ((probs * keep) @ v) * (1.0 / (1.0 - p))  # (B, nkv, g*T, d)
-        ctx.save_for_backward(q, k, v, mask, keep)
-        ctx.p, ctx.scale = p, scale
+        c = 1.0 / (1.0 - dropout_rate(p))
+        out = ((probs * keep) @ v) * c  # (B, nkv, g*T, d)
+        ctx.save_for_backward(qg, k, v, probs, keep)
+        ctx.c, ctx.scale = c, scale
         return out.view(B, n_heads, T, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask, keep = ctx.saved_tensors
-        B, n_heads, T, d = q.shape
-        n_kv = k.shape[1]
-        qg = q.reshape(B, n_kv, -1, d)
-        probs = _probs(qg, k, mask, ctx.scale)  # recomputed: one product and a softmax
-        g = grad_out.reshape(B, n_kv, -1, d) * (1.0 / (1.0 - ctx.p))  # c * dO: (B, nkv, g*T, d)
+        qg, k, v, probs, keep = ctx.saved_tensors
+        g = grad_out.reshape(qg.shape) * ctx.c  # c * dO: (B, nkv, g*T, d)
         grad_v = (probs * keep).transpose(-1, -2) @ g  # (B, nkv, T, d)
         dp = (g @ v.transpose(-1, -2)) * keep  # (B, nkv, g*T, T)
         ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
         ds = ds * ctx.scale
-        grad_q = (ds @ k).view(B, n_heads, T, d)
+        grad_q = (ds @ k).view(grad_out.shape)
         grad_k = ds.transpose(-1, -2) @ qg  # (B, nkv, T, d)
         return grad_q, grad_k, grad_v, None, None
 
