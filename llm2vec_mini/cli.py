@@ -66,8 +66,17 @@ def _cmd_eval_sts(args) -> int:
     if args.output:
         settings = {"model": str(args.model), "adapters": [str(a) for a in args.adapter],
                     "data": str(args.data), **enc.settings(), "instruction": args.instruction}
-        Path(args.output).write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+        report = {"settings": settings, "results": _nan_as_null(results)}
+        Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     return 0
+
+
+def _nan_as_null(value):
+    """A score that is not a number (constant similarities or gold scores) as JSON's null, since
+    NaN is not JSON and strict readers refuse it."""
+    if isinstance(value, dict):
+        return {k: _nan_as_null(v) for k, v in value.items()}
+    return None if isinstance(value, float) and value != value else value
 
 
 def _cmd_eval_probe(args) -> int:

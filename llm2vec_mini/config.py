@@ -122,6 +122,16 @@ class LlamaConfig:
             theta = hf.get("rope_theta", 10000.0)
             scaling = hf.get("rope_scaling")
 
+        def number(name, value):  # a float field, or ConfigError naming it
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            return float(value)
+
+        def flag(name, value):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
+            return value
+
         def token_id(name):
             value = hf.get(name)
             if isinstance(value, list):  # Llama-3 lists several eos ids; the first is the main one
@@ -138,13 +148,13 @@ class LlamaConfig:
             num_attention_heads=hf["num_attention_heads"],
             num_key_value_heads=hf.get("num_key_value_heads"),
             head_dim=hf.get("head_dim"),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
+            rms_norm_eps=number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=number("rope_theta", theta),
             rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_dropout=float(hf.get("attention_dropout", 0.0)),
-            initializer_range=float(hf.get("initializer_range", 0.02)),
+            tie_word_embeddings=flag("tie_word_embeddings", hf.get("tie_word_embeddings", False)),
+            attention_dropout=number("attention_dropout", hf.get("attention_dropout", 0.0)),
+            initializer_range=number("initializer_range", hf.get("initializer_range", 0.02)),
             bos_token_id=token_id("bos_token_id"),
             eos_token_id=token_id("eos_token_id"),
             pad_token_id=token_id("pad_token_id"),

@@ -11,9 +11,11 @@ give the same embeddings:
   * the text is cut at word boundaries until it has at most `doc_max_length` tokens, and the whole
     input to at most `max_length` tokens;
   * pad = eos, padding on the left; `eos_token` pooling appends the eos token to the text.
-Two deliberate differences: we batch sentences by token count, not character count (results do not
-depend on batching; this only wastes less padding), and an empty text is pooled over its whole input
-(bos and instruction), where the official library also averages the batch's padding.
+Three deliberate differences: we batch sentences by token count, not character count (results do
+not depend on batching; this only wastes less padding); an empty text is pooled over its whole input
+(bos and instruction, or one eos token where there is neither), where the official library also
+averages the batch's padding; and a single word longer than `doc_max_length` tokens keeps its first
+`doc_max_length` tokens, where the official word-level cut leaves nothing.
 
 References:
 1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2 and Appendix C
@@ -23,6 +25,7 @@ References:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -94,6 +97,8 @@ class LLM2Vec:
 
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if isinstance(adapters, (str, os.PathLike)):  # one adapter folder
+            adapters = [adapters]
         model, tokenizer = load_pretrained(path, adapters=adapters, dtype=dtype)
         settings = dict(DEFAULTS)
         for where in [Path(path)] + [Path(a) for a in adapters]:
@@ -127,11 +132,19 @@ class LLM2Vec:
         return min(len(self.tokenizer.encode(text, add_special_tokens=False)), self.max_length)
 
     def _truncate_words(self, text: str) -> str:
-        """Drop words from the end until the text has at most doc_max_length tokens (official rule)."""
+        """Drop words from the end until the text has at most doc_max_length tokens (official rule).
+
+        Where that rule would keep no word at all (one word longer than the limit: a URL, a hash),
+        the official library encodes an empty text; we keep the first doc_max_length tokens instead.
+        """
         n = self._n_tokens(text)
         while n > self.doc_max_length:
             words = text.split()
-            text = " ".join(words[: int(len(words) * self.doc_max_length / n)])
+            keep = int(len(words) * self.doc_max_length / n)
+            if keep == 0:
+                ids = self.tokenizer.encode(text, add_special_tokens=False)[: self.doc_max_length]
+                return self.tokenizer.decode(ids)
+            text = " ".join(words[:keep])
             n = self._n_tokens(text)
         return text
 
@@ -151,6 +164,8 @@ class LLM2Vec:
         room = self.max_length - int(tok.add_bos and tok.bos_id is not None) - int(
             tok.add_eos and tok.eos_id is not None)
         ids = tok._wrap(content[:max(room, 0)])
+        if not ids:  # an empty text and no BOS (SmolLM2's tokenizer): read and pool one pad token
+            ids = [self.pad_id]
         return ids, min(self._n_tokens(text), len(ids))
 
     def prepare(self, sentences) -> list[tuple[list[int], int]]:

@@ -54,6 +54,19 @@ def test_eval_sts_prints_a_table_and_writes_json(tiny_llama_dir, sts_file, tmp_p
     assert -100 <= data["results"]["sts-dev"]["spearman"] <= 100
 
 
+def test_a_score_that_is_not_a_number_is_null_in_the_json(tiny_llama_dir, tmp_path):
+    flat = tmp_path / "sts-flat.csv"  # every gold score the same: no correlation is defined
+    flat.write_text("".join(f"g\tf\ty\t{i}\t2.5\t{SENTENCES[i]}\t{SENTENCES[i + 1]}\n" for i in range(3)))
+    out = tmp_path / "results.json"
+    assert main(["eval-sts", "--model", str(tiny_llama_dir), "--data", str(flat), "--device", "cpu",
+                 "--output", str(out)]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    data = json.loads(out.read_text(), parse_constant=refuse)
+    assert data["results"]["sts-flat"]["spearman"] is None and data["results"]["sts-flat"]["n"] == 3
+
+
 def test_bad_input_gives_a_clear_error_not_a_traceback(tiny_llama_dir, tmp_path, capsys):
     bad = tmp_path / "broken.csv"
     bad.write_text("just one column\n")

@@ -77,6 +77,11 @@ def test_heads_not_divisible_by_kv_heads():
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_size": "2048"}, "hidden_size"),
+    ({"rms_norm_eps": None}, "rms_norm_eps"),
+    ({"rope_theta": "10000"}, "rope_theta"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": None}}, "rope_theta"),
+    ({"attention_dropout": "0.1"}, "attention_dropout"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings"),
 ])
 def test_unsupported_hf_configs_name_the_field(bad, field):
     with pytest.raises(ConfigError, match=field):

@@ -168,3 +168,41 @@ def test_saved_settings_keep_causal_attention_and_bad_settings_name_the_file(tin
     (tmp_path / "causal" / "llm2vec_config.json").write_text('{"pooling": "mean"}')
     with pytest.raises(ValueError, match=r"causal/llm2vec_config\.json.*pooling_mode"):
         LLM2Vec.from_pretrained(tmp_path / "causal", device="cpu")
+
+
+def test_texts_with_no_tokens_left_encode_without_a_bos_token(tiny_llama_dir, reference):
+    """SmolLM2's tokenizer adds no BOS: an empty text has no token at all, and the official word-level
+    cut leaves nothing of one word longer than doc_max_length. Neither may become NaN."""
+    from llm2vec_mini.convert.hf import load_pretrained
+    from llm2vec_mini.tokenizer import Tokenizer
+
+    model, tok = load_pretrained(tiny_llama_dir)
+    no_bos = Tokenizer(tok.tokenizer, bos_id=None, eos_id=tok.eos_id, add_bos=False)
+    enc = LLM2Vec(model, no_bos, doc_max_length=8, device="cpu")
+    word = "x" * 5000
+    got = enc.encode(["", word, "A man is playing a guitar."], batch_size=2)
+    assert np.isfinite(got).all()
+    ref_tok, ref_model = reference
+    with torch.no_grad():  # the empty text: the state of one eos token read alone, whatever its batch
+        eos_state = ref_model(input_ids=torch.tensor([[tok.eos_id]])).last_hidden_state[0, 0]
+    assert_close_rows(got[:1], [eos_state])
+    assert_close_rows(enc.encode([""]), [eos_state])
+    ids = ref_tok(word, add_special_tokens=False)["input_ids"][:8]  # the long word: its first 8 tokens
+    with torch.no_grad():
+        h = ref_model(input_ids=torch.tensor([ids]), attention_mask=torch.zeros(1, 1, 8, 8)).last_hidden_state
+    assert_close_rows(got[1:2], [h[0].mean(0)])
+
+
+def test_one_adapter_as_a_string_reads_its_settings(tiny_llama_dir, tmp_path):
+    from llm2vec_mini.encoder import write_settings
+    from llm2vec_mini.lora import add_lora, save_adapter
+    from llm2vec_mini.convert.hf import load_pretrained
+
+    model, _ = load_pretrained(tiny_llama_dir)
+    add_lora(model, r=4, alpha=8.0)
+    save_adapter(model, tmp_path)
+    write_settings(tmp_path, {"pooling_mode": "weighted_mean", "max_length": 128, "doc_max_length": 100,
+                              "skip_instruction": True, "bidirectional": False})
+    one = LLM2Vec.from_pretrained(tiny_llama_dir, adapters=str(tmp_path), device="cpu")
+    assert one.settings() == {"pooling_mode": "weighted_mean", "max_length": 128, "doc_max_length": 100,
+                              "skip_instruction": True, "bidirectional": False}

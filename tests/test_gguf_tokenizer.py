@@ -204,6 +204,7 @@ def test_tiny_vocabularies_work():
     (tiny_gpt2(**{"tokenizer.ggml.token_type": [1, 1]}), "tokenizer.ggml.token_type"),
     (tiny_gpt2(**{"tokenizer.ggml.merges": None}), "tokenizer.ggml.merges"),
     (tiny_gpt2(**{"tokenizer.ggml.merges": ["a b", "ab"]}), "tokenizer.ggml.merges[1]"),
+    (tiny_gpt2(**{"tokenizer.ggml.merges": ["a b", "a c"]}), "tokenizer.ggml"),  # "c": no such token
     (tiny_gpt2(**{"tokenizer.ggml.pre": "qwen2"}), "tokenizer.ggml.pre"),
     (tiny_gpt2(**{"tokenizer.ggml.bos_token_id": 5}), "tokenizer.ggml.bos_token_id"),
     (tiny_gpt2(**{"tokenizer.ggml.add_bos_token": "yes"}), "tokenizer.ggml.add_bos_token"),

@@ -140,6 +140,8 @@ MALFORMED = {
     "entry_not_object": dict(header={"t": [1]}, data=DATA),
     "missing_dtype": dict(header={"t": {"shape": [2], "data_offsets": [0, 8]}}, data=DATA),
     "unknown_dtype": dict(header={"t": {**GOOD, "dtype": "F128"}}, data=DATA),
+    "dtype_not_string": dict(header={"t": {**GOOD, "dtype": ["F32"]}}, data=DATA),
+    "deeply_nested_json": dict(header=b"[" * 100_000 + b"]" * 100_000),
     "negative_shape": dict(header={"t": {**GOOD, "shape": [-2]}}, data=DATA),
     "shape_not_list": dict(header={"t": {**GOOD, "shape": "2"}}, data=DATA),
     "float_offset": dict(header={"t": {**GOOD, "data_offsets": [0.0, 8]}}, data=DATA),

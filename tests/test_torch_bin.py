@@ -58,6 +58,31 @@ def test_code_running_raw_pickle_is_refused(tmp_path):
     assert marker.exists()
 
 
+class _RunsAShellCommand:
+    """Unpickling this calls os.system(...): the classic malicious pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_shell_command_in_a_pickle_is_refused_with_its_reason(tmp_path, zip_format):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    if zip_format:
+        torch.save({"w": _RunsAShellCommand(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"w": _RunsAShellCommand(marker)}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"evil\.bin: refused.*GLOBAL (posix|os)\.system") as e:
+        load_torch_bin(path)
+    assert "weights_only" not in str(e.value)  # not torch's advice to trust the file
+    assert not marker.exists(), "loading ran code from the file"
+
+
 @pytest.mark.parametrize("payload,match", [
     ([torch.zeros(2)], "found a list"),
     (torch.zeros(2), "found a Tensor"),

@@ -99,6 +99,15 @@ def _spm_merges(tokens: List[str], scores: List[float], types: List[int]) -> Lis
     return [(left, right) for _, left, right in ranked]
 
 
+def _bpe(path, **options) -> models.BPE:
+    """tokenizers' BPE model; what it refuses (a merge naming a token missing from the vocabulary)
+    becomes a CheckpointError naming the file."""
+    try:
+        return models.BPE(**options)
+    except Exception as e:  # tokenizers raises a plain Exception
+        raise CheckpointError(f"the tokenizer in tokenizer.ggml.* is inconsistent: {e}", path) from None
+
+
 def _llama_spm(tokens, scores, types, metadata, path) -> tokenizers.Tokenizer:
     """Llama 2's SentencePiece BPE: merges recovered from the scores, "▁" for spaces, byte fallback."""
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -107,9 +116,9 @@ def _llama_spm(tokens, scores, types, metadata, path) -> tokenizers.Tokenizer:
         raise CheckpointError(f"tokenizer.ggml.tokens lacks the byte-fallback tokens "
                               f"{', '.join(missing_bytes[:4])}{' ...' if len(missing_bytes) > 4 else ''}", path)
     unk_id = _token_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens), path)
-    bpe = models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, types), byte_fallback=True,
-                     fuse_unk=True, unk_token=None if unk_id is None else tokens[unk_id])
-    tok = tokenizers.Tokenizer(bpe)
+    tok = tokenizers.Tokenizer(_bpe(path, vocab=vocab, merges=_spm_merges(tokens, scores, types),
+                                    byte_fallback=True, fuse_unk=True,
+                                    unk_token=None if unk_id is None else tokens[unk_id]))
     # llama.cpp: add_space_prefix defaults to true for SentencePiece. The "▁" is prepended to every
     # stretch of plain text, so " Hello" becomes "▁▁Hello", as SentencePiece itself does.
     steps = [normalizers.Replace(" ", "▁")]
@@ -139,7 +148,7 @@ def _gpt2_bpe(tokens, types, metadata, path) -> tokenizers.Tokenizer:
         raise CheckpointError(f"unsupported tokenizer.ggml.pre {pre!r} for a gpt2 tokenizer "
                               f"(supported: {', '.join(_GPT2_PRE_SPLITS)})", path)
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok = tokenizers.Tokenizer(_bpe(path, vocab=vocab, merges=merges))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _GPT2_PRE_SPLITS[pre]]
     # ByteLevel applies GPT-2's regex ('s|'t|...| ?\p{L}+| ?\p{N}+|...) and then spells bytes.
     tok.pre_tokenizer = pre_tokenizers.Sequence(splits + [pre_tokenizers.ByteLevel(add_prefix_space=False,

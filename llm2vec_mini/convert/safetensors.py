@@ -121,6 +121,8 @@ class SafetensorsFile:
             self._fail(f"header is not valid UTF-8 ({e})")
         except ValueError as e:
             self._fail(f"header is not valid JSON ({e})")
+        except RecursionError:
+            self._fail("header JSON is nested too deeply to be a safetensors header")
         if not isinstance(header, dict):
             self._fail(f"header must be a JSON object, got {type(header).__name__}")
 
@@ -147,7 +149,7 @@ class SafetensorsFile:
             if key not in info:
                 self._fail(f"tensor {name!r}: missing {key!r}")
         dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             self._fail(f"tensor {name!r}: unknown dtype {dtype_name!r} "
                        f"(known: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):

@@ -40,8 +40,15 @@ def load_torch_bin(path) -> Dict[str, torch.Tensor]:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # UnpicklingError for refused globals, RuntimeError/EOFError for garbage
         message = " ".join(str(e).split())  # torch's messages span many lines
-        if "WeightsUnpickler error:" in message:  # keep the reason, drop torch's advice to trust the file
-            reason = message.split("WeightsUnpickler error:", 1)[1].split(". ")[0].strip()
+        if "Weights only load failed" in message:  # keep the reason, drop torch's advice to trust the file
+            # torch words it "... WeightsUnpickler error: <reason> Check the documentation ..." or
+            # "... from a trusted source. <reason> Check the documentation ..."
+            reason = message
+            for marker in ("WeightsUnpickler error:", "trusted source."):
+                if marker in reason:
+                    reason = reason.split(marker, 1)[1]
+                    break
+            reason = reason.split(" Check the documentation")[0].strip().rstrip(".")
             raise CheckpointError(f"refused by the weights-only unpickler ({reason}); nothing in "
                                   f"the file was run", path) from e
         raise CheckpointError(f"unreadable PyTorch checkpoint ({type(e).__name__}: "
