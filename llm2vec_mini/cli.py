@@ -18,19 +18,30 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import Llm2VecMiniError
+from .errors import ConfigError, Llm2VecMiniError
 
 
 def _encoder(args):
     from .encoder import LLM2Vec
     # options left out (None) fall back to the settings saved with the model or adapter, then defaults
     return LLM2Vec.from_pretrained(args.model, adapters=args.adapter, pooling=args.pooling,
-                                   bidirectional=False if args.causal else None, device=args.device)
+                                   bidirectional=False if args.causal else None, device=_device(args))
 
 
 def _device(args) -> str:
+    """--device, checked: a name torch knows, and CUDA only where there is a GPU; default CUDA if any."""
     import torch
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device: unknown device {args.device!r} (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: this machine has no CUDA GPU that torch can use")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {args.device}: there are only {torch.cuda.device_count()} GPUs")
+    return args.device
 
 
 def _with_instruction(texts, instruction):

@@ -67,13 +67,17 @@ REPRODUCE = Recipe(eval_pairs=1500, mntp_steps=200, mntp_batch=8, mntp_block=64,
 # Data: the shared folder if there is one, else a small corpus of our own.
 
 def find_data_dir(explicit=None):
-    candidates = [explicit, os.environ.get("LLM2VEC_MINI_DATA"), Path.cwd().parent / "shared" / "data",
-                  Path(__file__).resolve().parents[2] / "shared" / "data"]
-    for c in candidates:
-        if c and (Path(c) / "stsbenchmark" / "sts-dev.csv").is_file():
-            return Path(c)
-    if explicit:
-        raise FileNotFoundError(f"--data-dir {explicit}: no stsbenchmark/sts-dev.csv inside")
+    """--data-dir, else $LLM2VEC_MINI_DATA, else ../shared/data when present, else None (smoke).
+
+    A folder the user named (either way) must hold the data: it is an error, not a fallback."""
+    for given, name in ((explicit, "--data-dir"), (os.environ.get("LLM2VEC_MINI_DATA"), "$LLM2VEC_MINI_DATA")):
+        if given:
+            if not (Path(given) / "stsbenchmark" / "sts-dev.csv").is_file():
+                raise FileNotFoundError(f"{name} {given}: no stsbenchmark/sts-dev.csv inside")
+            return Path(given)
+    for c in (Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"):
+        if (c / "stsbenchmark" / "sts-dev.csv").is_file():
+            return c
     return None
 
 
@@ -144,7 +148,8 @@ def score(model, tokenizer, pairs, causal: bool) -> float:
 
 def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_name: str,
                   seed: int = 42) -> str:
-    rows = [("stage", "ours: STS-B dev", "paper: S-LLaMA-1.3B, MTEB-15 avg")]
+    ours_label = "ours: smoke pairs (not STS-B)" if smoke else "ours: STS-B dev"
+    rows = [("stage", ours_label, "paper: S-LLaMA-1.3B, MTEB-15 avg")]
     for stage in STAGES:
         ours = f"{results[stage]:.2f}" if stage in results else "(not run)"
         rows.append((stage, ours, f"{PAPER_MTEB15[stage]:.2f}"))
@@ -162,12 +167,12 @@ def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_n
                                                   "seed": seed,
                                                   "smoke": smoke, "model": model_name,
                                                   "paper_mteb15": PAPER_MTEB15}, indent=2))
-    if not _chart(out, results):
+    if not _chart(out, results, smoke):
         table += "\n(no chart.png: matplotlib is not installed)"
     return table
 
 
-def _chart(out: Path, results: dict) -> bool:
+def _chart(out: Path, results: dict, smoke: bool = False) -> bool:
     """Draw chart.png; False (and no file) without matplotlib, which only the dev set installs."""
     try:  # a Figure without pyplot: no backend switch, no effect on a notebook's own plots
         from matplotlib.figure import Figure
@@ -177,7 +182,8 @@ def _chart(out: Path, results: dict) -> bool:
     ax = fig.subplots()
     xs = range(len(STAGES))
     ran = [s for s in STAGES if s in results]  # an interrupted run draws only the stages it finished
-    ax.bar([STAGES.index(s) - 0.2 for s in ran], [results[s] for s in ran], 0.4, label="ours (STS-B dev)")
+    ax.bar([STAGES.index(s) - 0.2 for s in ran], [results[s] for s in ran], 0.4,
+           label="ours (SMOKE: built-in pairs, not a benchmark)" if smoke else "ours (STS-B dev)")
     ax.bar([x + 0.2 for x in xs], [PAPER_MTEB15[s] for s in STAGES], 0.4, label="paper S-LLaMA (MTEB-15)")
     ax.set_xticks(list(xs), [s.replace(" + ", "\n+ ") for s in STAGES], fontsize=8)
     ax.set_ylabel("Spearman x 100")
@@ -190,8 +196,8 @@ def _chart(out: Path, results: dict) -> bool:
 
 def run_demo(args) -> int:
     t0 = time.time()
-    if not args.budget_minutes > 0:
-        raise ValueError(f"--budget-minutes must be positive, got {args.budget_minutes}")
+    if not 0 < args.budget_minutes < 24 * 60:
+        raise ValueError(f"--budget-minutes must be positive and under a day, got {args.budget_minutes}")
     if getattr(args, "recipe", "demo") == "reproduce":
         recipe = REPRODUCE  # its own, fixed budget (about half an hour); --budget-minutes does not apply
     else:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .ops import lora_linear
 
 LLM2VEC_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,6 +45,8 @@ class LoRALinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
         if not (isinstance(r, int) and r > 0):
             raise ConfigError(f"lora r must be a positive integer, got {r!r}")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {dropout!r}")
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = lora_scale(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout)
@@ -209,6 +211,11 @@ def load_adapter(model: nn.Module, adapter_dir, trainable: bool = True) -> nn.Mo
     layers = lora_layers(model)
     with torch.no_grad():
         for name, (a, b) in weights.items():
+            have = (tuple(layers[name].lora_A.weight.shape), tuple(layers[name].lora_B.weight.shape))
+            if have != (tuple(a.shape), tuple(b.shape)):  # LoRA layers already there, of another r
+                raise CheckpointError(f"{name}: the adapter's lora_A/lora_B are {tuple(a.shape)} and "
+                                      f"{tuple(b.shape)}, the model's LoRA layer has {have[0]} and "
+                                      f"{have[1]} (a different r?)", adapter_dir)
             layers[name].lora_A.weight.copy_(a)
             layers[name].lora_B.weight.copy_(b)
     for m in layers.values():

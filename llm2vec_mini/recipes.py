@@ -18,7 +18,7 @@ import torch
 from .convert.hf import load_pretrained, save_hf_metadata
 from .data import read_lines
 from .encoder import DEFAULTS, write_settings
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .lora import add_lora, save_adapter
 from .mntp import MNTPCollator, choose_mask_token, group_texts
 from .train import MNTPTask, SimCSETask, TrainConfig, init_distributed, train, world
@@ -37,6 +37,8 @@ def mntp_task(model, tokenizer, texts: Sequence[str], block_size: int = 512, mas
     """Tokenise (with the tokenizer's own bos/eos), concatenate, cut into blocks, and mask."""
     blocks = group_texts(tokenizer.encode_batch(list(texts), add_special_tokens=True), block_size)
     if max_blocks is not None:
+        if max_blocks < 1:
+            raise ConfigError(f"max_blocks must be at least 1, got {max_blocks}")
         blocks = blocks[:max_blocks]
     specials = [i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None]
     collator = MNTPCollator(mask_id=choose_mask_token(tokenizer), vocab_size=model.config.vocab_size,
@@ -47,6 +49,13 @@ def mntp_task(model, tokenizer, texts: Sequence[str], block_size: int = 512, mas
 def simcse_task(model, tokenizer, sentences: Sequence[str], max_length: int = 128,
                 pooling: str = "mean", scale: float = 20.0) -> SimCSETask:
     """Tokenise each sentence (cut to max_length tokens), padded with eos as the encoder does."""
+    if max_length < 2:
+        raise ConfigError(f"max_length must be at least 2, got {max_length}")
+    if pooling == "eos_token":  # the eos token written after the text, as LLM2Vec.encode does
+        if tokenizer.eos_id is None:
+            raise ConfigError("pooling 'eos_token' needs a tokenizer with an eos token")
+        eos = tokenizer.id_to_token(tokenizer.eos_id)
+        sentences = [f"{s.strip()} {eos}" for s in sentences]
     ids = [s[:max_length] for s in tokenizer.encode_batch(list(sentences), add_special_tokens=True)]
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
     bos = tokenizer.bos_id if tokenizer.add_bos else None
@@ -55,6 +64,8 @@ def simcse_task(model, tokenizer, sentences: Sequence[str], max_length: int = 12
 
 def set_attention_dropout(model, p: float):
     """SimCSE's views differ by dropout: LLM2Vec uses 0.3 on the attention probabilities."""
+    if not 0 <= p < 1:
+        raise ConfigError(f"attention dropout must be in [0, 1), got {p!r}")
     for layer in getattr(model, "model", model).layers:
         layer.self_attn.dropout = p
     return model
@@ -65,6 +76,7 @@ def train_mntp(model_path, data_files: Sequence, out_dir, cfg: TrainConfig, lora
     init_distributed(cfg.device)
     model, tokenizer = load_pretrained(model_path, dtype=torch.float32)
     model.set_causal(False).to(cfg.device)
+    torch.manual_seed(cfg.seed)  # the adapter's initial values: the same seed, the same adapter
     add_lora(model, r=lora[0], alpha=lora[1], dropout=lora[2])
     extra = cfg.extra
     task = mntp_task(model, tokenizer, _paragraphs(data_files), extra.get("block_size", 512),
@@ -85,10 +97,14 @@ def train_simcse(model_path, adapters: Sequence, data_file, out_dir, cfg: TrainC
     model.set_causal(False).to(cfg.device)
     extra = cfg.extra
     set_attention_dropout(model, extra.get("attention_dropout", 0.3))
+    torch.manual_seed(cfg.seed)  # the adapter's initial values
     add_lora(model, r=lora[0], alpha=lora[1], dropout=lora[2])
     sentences = [s for s in read_lines(data_file) if s]
     if max_sentences is not None:
         sentences = sentences[:max_sentences]
+    if not sentences:
+        raise DataError(f"no sentences to train on in {data_file}"
+                        + (f" (--max-sentences {max_sentences})" if max_sentences is not None else ""))
     task = simcse_task(model, tokenizer, sentences, extra.get("max_length", 128),
                        extra.get("pooling", "mean"), extra.get("scale", 20.0))
     out = train(task, cfg, out_dir, resume=resume)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DataError, TrainingError
 from .lora import lora_layers, load_adapter, save_adapter
 from .mntp import IGNORE, MNTPCollator, mntp_loss
 from .pooling import pool
@@ -63,6 +63,11 @@ class TrainConfig:
                               f"({self.grad_accum})")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not self.max_grad_norm >= 0:
+            raise ConfigError(f"max_grad_norm must be 0 (off) or positive, got {self.max_grad_norm}")
         if self.bf16 and not self.device.startswith("cuda"):
             raise ConfigError("bf16 autocast is for GPUs; on a CPU train in fp32 (bf16 matmul is far slower)")
 
@@ -192,6 +197,8 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False,
     out = Path(output_dir)
     metrics_path = out / "metrics.jsonl"
     model = task.model
+    if len(task) == 0:
+        raise DataError("nothing to train on: the task has no examples")
     if not lora_layers(model):
         raise ConfigError("the model has no LoRA layers: call lora.add_lora(model, ...) first")
     model.model.gradient_checkpointing = cfg.gradient_checkpointing

@@ -125,3 +125,58 @@ def test_mntp_folder_loads_as_a_model_like_the_hub_ones(tiny_llama_dir, adapters
     (moved / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"mntp-elsewhere.*'princeton-nlp/Sheared-LLaMA-1.3B'.*not a local path"):
         LLM2Vec.from_pretrained(moved, device="cpu")
+
+
+def test_the_same_seed_trains_the_same_adapter(tiny_llama_dir, tmp_path):
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n".join(SENTENCES * 8) + "\n")
+    runs = []
+    for name in ("a", "b"):
+        assert main(["train-mntp", "--model", str(tiny_llama_dir), "--data", str(text), "--output",
+                     str(tmp_path / name), "--steps", "2", "--batch-size", "2", "--block-size", "16",
+                     "--lora-r", "4", "--seed", "7", "--device", "cpu"]) == 0
+        runs.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
+    assert runs[0] == runs[1]  # the LoRA initial values come from --seed too
+
+
+@pytest.fixture(scope="module")
+def files(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_args")
+    text = root / "wiki.txt"
+    text.write_text("\n".join(SENTENCES * 8) + "\n")
+    (root / "empty.txt").write_text("\n\n")
+    return root, text
+
+
+SIMCSE_BAD = [
+    (["--lora-dropout", "1.0"], "lora dropout"),
+    (["--attention-dropout", "1.0"], "attention dropout"),
+    (["--attention-dropout", "-0.5"], "attention dropout"),
+    (["--max-length", "0"], "max_length"),
+    (["--max-sentences", "0"], "no sentences"),
+    (["--checkpoint-every", "-1"], "checkpoint_every"),
+    (["--device", "foo"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+]
+
+
+@pytest.mark.parametrize("extra, match", SIMCSE_BAD, ids=[m for _, m in SIMCSE_BAD])
+def test_bad_training_arguments_are_clear_errors(tiny_llama_dir, files, tmp_path, capsys, extra, match):
+    root, text = files
+    rc = main(["train-simcse", "--model", str(tiny_llama_dir), "--data", str(text), "--output",
+               str(tmp_path / "out"), "--steps", "1", "--batch-size", "2", "--lora-r", "4", *extra])
+    assert rc == 2 and match in capsys.readouterr().err
+
+
+def test_an_empty_sentence_file_and_a_resume_with_another_rank_are_clear_errors(tiny_llama_dir, files,
+                                                                               tmp_path, capsys):
+    root, text = files
+    simcse = ["train-simcse", "--model", str(tiny_llama_dir), "--batch-size", "2", "--device", "cpu"]
+    assert main(simcse + ["--data", str(root / "empty.txt"), "--output", str(tmp_path / "e")]) == 2
+    assert "empty.txt" in capsys.readouterr().err
+    out = str(tmp_path / "r")
+    assert main(simcse + ["--data", str(text), "--output", out, "--steps", "2", "--lora-r", "4",
+                          "--checkpoint-every", "1"]) == 0
+    assert main(simcse + ["--data", str(text), "--output", out, "--steps", "3", "--lora-r", "8",
+                          "--resume"]) == 2
+    assert "a different r?" in capsys.readouterr().err

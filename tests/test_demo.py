@@ -15,6 +15,7 @@ def test_tiny_demo_writes_table_chart_and_adapters(tmp_path, capsys):
     assert main(["demo", "--tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "SMOKE DEMO" in printed
+    assert "ours: smoke pairs (not STS-B)" in printed  # the column is not labelled STS-B either
     results = json.loads((out / "results.json").read_text())
     assert set(results["results"]) == set(STAGES)
     assert all(-100 <= v <= 100 for v in results["results"].values())
@@ -73,4 +74,8 @@ def test_data_folder_is_found_in_the_documented_order(tmp_path, monkeypatch):
     assert demo.find_data_dir() is None  # the smoke demo's built-in corpus then
     with pytest.raises(FileNotFoundError, match="no stsbenchmark/sts-dev.csv"):
         demo.find_data_dir(tmp_path / "work")
-    assert main(["demo", "--tiny", "--budget-minutes", "0"]) == 2
+    monkeypatch.setenv("LLM2VEC_MINI_DATA", str(tmp_path / "work"))  # named, but wrong: an error too
+    with pytest.raises(FileNotFoundError, match="LLM2VEC_MINI_DATA"):
+        demo.find_data_dir()
+    for bad in ("0", "inf", "nan"):
+        assert main(["demo", "--tiny", "--budget-minutes", bad]) == 2

@@ -156,3 +156,20 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, ta
     assert moved > 1e-3  # the steps were real
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "eos_token", "last_token"])
+def test_simcse_reads_a_sentence_as_encode_does(tiny_llama_dir, pooling):
+    """What SimCSE trains on is what LLM2Vec.encode reads afterwards: for eos_token pooling the
+    eos token written after the text (the official rule, checked against the official library in
+    tests/reference/), else the text alone."""
+    from llm2vec_mini.convert.hf import load_pretrained
+    from llm2vec_mini.encoder import LLM2Vec
+    from llm2vec_mini.recipes import simcse_task as make_simcse_task
+
+    model, tok = load_pretrained(tiny_llama_dir)
+    texts = ["A man is playing a guitar.", "Stocks fell sharply on Monday."]
+    task = make_simcse_task(model, tok, texts, max_length=128, pooling=pooling)
+    enc = LLM2Vec(model, tok, pooling=pooling, device="cpu")
+    assert task.sentences == [ids for ids, _ in enc.prepare(texts)]
+    assert (task.sentences[0][-1] == tok.eos_id) == (pooling == "eos_token")
