@@ -135,7 +135,8 @@ class LLM2Vec:
         """Drop words from the end until the text has at most doc_max_length tokens (official rule).
 
         Where that rule would keep no word at all (one word longer than the limit: a URL, a hash),
-        the official library encodes an empty text; we keep the first doc_max_length tokens instead.
+        the official library encodes an empty text; we keep the first doc_max_length tokens instead
+        (decoded back to text, which re-tokenises to about as many).
         """
         n = self._n_tokens(text)
         while n > self.doc_max_length:
@@ -164,7 +165,7 @@ class LLM2Vec:
         room = self.max_length - int(tok.add_bos and tok.bos_id is not None) - int(
             tok.add_eos and tok.eos_id is not None)
         ids = tok._wrap(content[:max(room, 0)])
-        if not ids:  # an empty text and no BOS (SmolLM2's tokenizer): read and pool one pad token
+        if not ids:  # an empty text and no BOS (SmolLM2's tokenizer): read and pool one eos (= pad) token
             ids = [self.pad_id]
         return ids, min(self._n_tokens(text), len(ids))
 

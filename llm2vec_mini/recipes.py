@@ -48,7 +48,8 @@ def mntp_task(model, tokenizer, texts: Sequence[str], block_size: int = 512, mas
 
 def simcse_task(model, tokenizer, sentences: Sequence[str], max_length: int = 128,
                 pooling: str = "mean", scale: float = 20.0) -> SimCSETask:
-    """Tokenise each sentence (cut to max_length tokens), padded with eos as the encoder does."""
+    """Tokenise each sentence (cut to max_length tokens) as the encoder reads it: padded with eos,
+    and for eos_token pooling with the eos token written after the text."""
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
     if pooling == "eos_token":  # the eos token written after the text, as LLM2Vec.encode does

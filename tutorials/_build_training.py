@@ -533,8 +533,8 @@ md(r"""
 
 In training mode the input of the low-rank path goes through dropout, $\mathrm{dropout}(x) = m \odot x / (1-p)$
 with $m_{ij} \sim \mathrm{Bernoulli}(1-p)$ drawn anew for every projection and every step; the frozen
-path $Wx$ always sees all of $x$. The package draws $m$ as booleans (`llm2vec_mini.ops.keep_mask`) and
-keeps only those and $x$ for the backward pass. Below, one draw for a batch of 10 tokens, with the
+path $Wx$ always sees all of $x$. The package draws $m$ as bytes, 1 for kept (`llm2vec_mini.ops.keep_mask`, from 16 random bits per
+entry), and keeps only those and $x$ for the backward pass. Below, one draw for a batch of 10 tokens, with the
 recipe's $p = 0.05$ and with a large $p = 0.3$ to make the pattern visible: black cells are the
 entries the low-rank path does not see.
 """),
@@ -542,7 +542,7 @@ code(r"""
 torch.manual_seed(3)
 fig, axes = plt.subplots(1, 2, figsize=(10, 2.4))
 for ax, p in zip(axes, (0.05, 0.3)):
-    m = keep_mask((10, config.hidden_size), p)  # (tokens, features), True = kept
+    m = keep_mask((10, config.hidden_size), p)  # (tokens, features) uint8, 1 = kept
     ax.imshow(m, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     ax.set_title(f"keep mask m, p = {p}: {100 * (1 - m.float().mean()):.1f} % dropped", fontsize=10)
     ax.set_xlabel("feature of x")
