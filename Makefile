@@ -6,7 +6,7 @@ REF_VENV := .venv-ref
 REF_PY := $(REF_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo model test-reference reference-setup bench reproduce clean
+.PHONY: setup test lint demo model test-reference reference-setup bench reproduce clean
 
 # Re-runs are no-ops: the stamp is newer than both requirement files.
 setup: $(VENV)/.stamp
@@ -20,7 +20,11 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt
 model: setup
 	$(PY) -m llm2vec_mini download smollm2
 
-test: setup model
+# ruff (configured in pyproject.toml) on the whole tree, then every test.
+lint: setup
+	$(PY) -m ruff check .
+
+test: setup model lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup model

@@ -47,7 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 REF_PY = REPO / ".venv-ref" / "bin" / "python"
-STS_DEV = Path(os.environ.get("LLM2VEC_MINI_DATA", REPO.parent / "shared" / "data")) / "stsbenchmark" / "sts-dev.csv"
+DATA = Path(os.environ.get("LLM2VEC_MINI_DATA", REPO.parent / "shared" / "data"))
+STS_DEV = DATA / "stsbenchmark" / "sts-dev.csv"
 CONTENDERS = ("ours", "official", "transformers")
 
 
@@ -145,11 +146,11 @@ class _Preparer:
 
     def __init__(self, hf_dir: Path):
         sys.path.insert(0, str(REPO))
+        from llm2vec_mini.convert.hf_tokenizer import load_hf_tokenizer
         from llm2vec_mini.encoder import LLM2Vec
-        from llm2vec_mini.tokenizer import Tokenizer
 
         enc = LLM2Vec.__new__(LLM2Vec)  # only the text-side settings are needed
-        enc.tokenizer = Tokenizer.from_dir(hf_dir)
+        enc.tokenizer = load_hf_tokenizer(hf_dir)
         enc.pooling, enc.max_length, enc.doc_max_length, enc.skip_instruction = "mean", 512, 400, True
         enc.pad_id = enc.tokenizer.eos_id
         self.prepare, self.collate = enc.prepare, enc.collate
@@ -217,7 +218,8 @@ def run_child(name: str, work: Path, args) -> dict:
 def real_token_flops(lengths, cfg) -> float:
     """2 * P * L + n_layers * 4 * n_heads * head_dim * L^2, summed over sentences (see module doc)."""
     h, m, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    nh, d = cfg["num_attention_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    nh = cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // nh
     nkv = cfg["num_key_value_heads"]
     per_layer = h * nh * d * 2 + h * nkv * d * 2 + 3 * h * m + 2 * h  # q,o + k,v + mlp + 2 norms
     P = L * per_layer + h  # + the final norm
@@ -257,6 +259,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import numpy as np
     import torch
+
     from llm2vec_mini.convert.hf import load_pretrained, save_hf_dir
     from llm2vec_mini.data import load_sts
     from llm2vec_mini.hub import smollm2_path
@@ -290,7 +293,8 @@ def main() -> None:
           f"(1 min; {os.cpu_count()} cores)")
     print(f"{'':<14}{'seconds':>9}{'sent/s':>9}  all runs")
     for c in contenders:
-        print(f"{c:<14}{best[c]:>9.2f}{n / best[c]:>9.1f}  " + " ".join(f"{r['seconds']:.2f}" for r in runs[c]))
+        times = " ".join(f"{r['seconds']:.2f}" for r in runs[c])
+        print(f"{c:<14}{best[c]:>9.2f}{n / best[c]:>9.1f}  " + times)
     if "official" in contenders:
         print(f"official: transformers {runs['official'][0]['transformers']}, "
               f"attention {runs['official'][0]['attn_implementation']}")
@@ -317,8 +321,9 @@ def main() -> None:
         print(f"real tokens {sum(lengths)} (padded {padded}, {padded / sum(lengths) - 1:.1%} padding), "
               f"{flops / 1e12:.3f} TFLOP (2*P*L + attention)")
         print(f"ours: {achieved / 1e9:.1f} GFLOP/s on real tokens")
-        for label, roof in (("square 2048 GEMM", square),
-                            (f"model-shape GEMMs ({runs['gemm'][0]['model_shapes_batches']} batches)", shaped)):
+        n_shaped = runs["gemm"][0]["model_shapes_batches"]
+        roofs = (("square 2048 GEMM", square), (f"model-shape GEMMs ({n_shaped} batches)", shaped))
+        for label, roof in roofs:
             frac = achieved / roof
             print(f"roofline {label}: {roof / 1e9:.1f} GFLOP/s -> ours at {frac:.1%} (target >= 85 %)  "
                   f"{'OK' if frac >= 0.85 else 'MISSED'}")

@@ -140,8 +140,9 @@ def main():
         if abs(ours["checksum"] - theirs["checksum"]) > 1e-3 * max(1.0, abs(theirs["checksum"])):
             print("WARNING: the two loaders disagree on the weights' checksum")
         peak = {k: max(r["peak_rss_gb"] for r in v) for k, v in results.items()}
-        print(f"\nbest of {args.repeats}: ours {ours['load_and_touch_s']:.2f} s, transformers "
-              f"{theirs['load_and_touch_s']:.2f} s (ratio {ours['load_and_touch_s'] / theirs['load_and_touch_s']:.2f})")
+        t_ours, t_theirs = ours["load_and_touch_s"], theirs["load_and_touch_s"]
+        print(f"\nbest of {args.repeats}: ours {t_ours:.2f} s, transformers {t_theirs:.2f} s "
+              f"(ratio {t_ours / t_theirs:.2f})")
         print(f"peak RSS: ours {peak['ours']:.2f} GB = {peak['ours'] / size_gb:.2f}x file, transformers "
               f"{peak['transformers']:.2f} GB = {peak['transformers'] / size_gb:.2f}x file")
     finally:

@@ -5,9 +5,9 @@ batches (8 x 128 tokens of WikiText-2 validation, masked once by our MNTP collat
 the mask token), LoRA r=16, alpha=32, dropout 0.05 on the 7 projections, AdamW (lr 5e-5), gradient
 clipping at 1.0, fp32, no gradient checkpointing, the same thread count:
 
-    ours      MNTP:   llm2vec_mini.train.MNTPTask + lora.add_lora (bidirectional; the vocabulary
+    ours      MNTP:   llm2vec_mini.mntp.MNTPTask + lora.add_lora (bidirectional; the vocabulary
                       projection only at the masked positions)
-              SimCSE: train.SimCSETask (two dropout views, mean pooling, scale 20), attention
+              SimCSE: simcse.SimCSETask (two dropout views, mean pooling, scale 20), attention
                       dropout 0.3, LoRA added after it
     official  MNTP:   llm2vec.models.LlamaBiForMNTP, peft LoRA on its LlamaBiModel, the model's own
                       shifted cross-entropy (logits for every position)            (.venv-ref)
@@ -90,9 +90,8 @@ def child_ours(task: str, work: Path, args) -> dict:
     sys.path.insert(0, str(REPO))
     from llm2vec_mini.convert.hf import load_pretrained
     from llm2vec_mini.lora import add_lora
-    from llm2vec_mini.mntp import MNTPCollator
-    from llm2vec_mini.recipes import set_attention_dropout
-    from llm2vec_mini.train import MNTPTask, SimCSETask
+    from llm2vec_mini.mntp import MNTPCollator, MNTPTask
+    from llm2vec_mini.simcse import SimCSETask, set_attention_dropout
 
     data = np.load(work / "batches.npz")
     torch.manual_seed(0)
@@ -103,8 +102,8 @@ def child_ours(task: str, work: Path, args) -> dict:
     add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
     if task == "mntp":  # the batches are masked already; the collator is not used
         runner = MNTPTask(model, torch.zeros(1, BLOCK, dtype=torch.long), MNTPCollator(0, 1))
-        batches = [(torch.from_numpy(i), torch.from_numpy(l))
-                   for i, l in zip(data["inputs"], data["labels"])]
+        batches = [(torch.from_numpy(i), torch.from_numpy(lab))
+                   for i, lab in zip(data["inputs"], data["labels"])]
     else:
         runner = SimCSETask(model, [], pad_id=tokenizer.eos_id, pooling="mean", scale=SCALE)
         batches = [(torch.from_numpy(b), torch.ones_like(torch.from_numpy(b))) for b in data["blocks"]]
@@ -141,8 +140,8 @@ def child_official(task: str, work: Path, args) -> dict:
         from llm2vec.models import LlamaBiForMNTP
         model = LlamaBiForMNTP.from_pretrained(str(work / "hf"), torch_dtype=torch.float32)
         model.model = get_peft_model(model.model, lora)  # as run_mntp.py's initialize_peft
-        batches = [(torch.from_numpy(i), torch.from_numpy(l))
-                   for i, l in zip(data["inputs"], data["labels"])]
+        batches = [(torch.from_numpy(i), torch.from_numpy(lab))
+                   for i, lab in zip(data["inputs"], data["labels"])]
 
         def loss_of(batch):
             ids, labels = batch
@@ -186,11 +185,11 @@ def make_batches(work: Path, n: int, seed: int = 0) -> dict:
     import numpy as np
     import torch
     sys.path.insert(0, str(REPO))
+    from llm2vec_mini.convert.hf_tokenizer import load_hf_tokenizer
     from llm2vec_mini.data import read_lines
     from llm2vec_mini.mntp import MNTPCollator, choose_mask_token, group_texts
-    from llm2vec_mini.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_dir(work / "hf")
+    tok = load_hf_tokenizer(work / "hf")
     lines = read_lines(WIKITEXT, strip=True, skip_empty=True)
     blocks = group_texts(tok.encode_batch(lines[:2000], add_special_tokens=True), BLOCK)[: n * BATCH]
     specials = [i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None]
@@ -237,6 +236,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     import torch
+
     from llm2vec_mini.convert.hf import load_pretrained, save_hf_dir
     from llm2vec_mini.hub import smollm2_path
 

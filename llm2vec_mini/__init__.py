@@ -6,8 +6,7 @@ then pooling. Heavy submodules are imported lazily, so `import llm2vec_mini` sta
 """
 
 from .config import LlamaConfig
-from .errors import (CheckpointError, ConfigError, DataError, DownloadError, Llm2VecMiniError,
-                     TrainingError)
+from .errors import CheckpointError, ConfigError, DataError, DownloadError, Llm2VecMiniError, TrainingError
 from .model import LlamaForCausalLM, LlamaModel
 
 __version__ = "0.1.0"

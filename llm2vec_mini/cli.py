@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, Llm2VecMiniError
+from .pooling import POOLING_MODES
 
 
 def _encoder(args):
@@ -100,32 +101,36 @@ def _cmd_eval_probe(args) -> int:
     return 0
 
 
-def _train_config(args, **extra):
+def _train_config(args):
     from .train import TrainConfig
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                        checkpoint_every=args.checkpoint_every,
                        gradient_checkpointing=args.gradient_checkpointing, device=_device(args),
-                       bf16=args.bf16, extra=extra)
+                       bf16=args.bf16)
+
+
+def _lora_settings(args):
+    from .recipes import LoRASettings
+    return LoRASettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
 
 
 def _cmd_train_mntp(args) -> int:
-    from .recipes import train_mntp
-    cfg = _train_config(args, block_size=args.block_size, mask_ratio=args.mask_ratio,
-                        all_mask=args.all_mask)
-    out = train_mntp(args.model, args.data, args.output, cfg, lora=(args.lora_r, args.lora_alpha,
-                                                                     args.lora_dropout),
-                     resume=args.resume, max_blocks=args.max_blocks)
+    from .recipes import MNTPSettings, train_mntp
+    mntp = MNTPSettings(block_size=args.block_size, mask_ratio=args.mask_ratio, all_mask=args.all_mask,
+                        max_blocks=args.max_blocks)
+    out = train_mntp(args.model, args.data, args.output, _train_config(args), mntp, _lora_settings(args),
+                     resume=args.resume, overwrite=args.overwrite)
     print(out)
     return 0
 
 
 def _cmd_train_simcse(args) -> int:
-    from .recipes import train_simcse
-    cfg = _train_config(args, max_length=args.max_length, attention_dropout=args.attention_dropout,
-                        scale=args.scale, pooling=args.pooling)
-    out = train_simcse(args.model, args.adapter, args.data, args.output, cfg,
-                       lora=(args.lora_r, args.lora_alpha, args.lora_dropout), resume=args.resume,
+    from .recipes import SimCSESettings, train_simcse
+    simcse = SimCSESettings(max_length=args.max_length, pooling=args.pooling, scale=args.scale,
+                            attention_dropout=args.attention_dropout)
+    out = train_simcse(args.model, args.adapter, args.data, args.output, _train_config(args), simcse,
+                       _lora_settings(args), resume=args.resume, overwrite=args.overwrite,
                        max_sentences=args.max_sentences)
     print(out)
     return 0
@@ -141,11 +146,11 @@ def _model_args(p, pooling=True):
     p.add_argument("--adapter", action="append", default=[], help="a PEFT adapter dir (repeat; in order)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     if pooling:
-        p.add_argument("--pooling", default=None,
-                       choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"],
+        p.add_argument("--pooling", default=None, choices=POOLING_MODES,
                        help="default: the model's or adapter's saved setting, else mean")
         p.add_argument("--causal", action="store_true",
-                       help="keep causal attention (the paper's Uni); default: the saved setting, else bidirectional")
+                       help="keep causal attention (the paper's Uni); default: the saved setting, "
+                            "else bidirectional")
         p.add_argument("--instruction", default="", help="an instruction put before every text")
         p.add_argument("--batch-size", type=int, default=32)
 
@@ -163,6 +168,8 @@ def _train_args(p, steps, batch, lr):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output holding an earlier run (deletes its checkpoints, log)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
 
@@ -220,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--attention-dropout", type=float, default=0.3)
     p.add_argument("--scale", type=float, default=20.0, help="1 / temperature")
-    p.add_argument("--pooling", default="mean",
-                   choices=["mean", "weighted_mean", "eos_token", "last_token", "bos_token"])
+    p.add_argument("--pooling", default="mean", choices=POOLING_MODES)
     p.add_argument("--max-sentences", type=int, default=None)
     p.set_defaults(func=_cmd_train_simcse)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .util import is_int, is_number
 
 # Rope scalings we implement: none at all, linear position interpolation, and Llama-3's.
 _ROPE_KEYS = {
@@ -35,7 +36,7 @@ class LlamaConfig:
     head_dim: Optional[int] = None  # width of one head; None means hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6  # epsilon inside RMSNorm's square root
     rope_theta: float = 10000.0  # base of the rotary frequencies
-    rope_scaling: Optional[dict] = None  # None, {"rope_type": "linear", "factor"} or Llama-3's {"rope_type": "llama3", ...}
+    rope_scaling: Optional[dict] = None  # None, {"rope_type": "linear", "factor"}, or Llama 3's (llama3)
     max_position_embeddings: int = 2048  # longest context the model was trained for
     tie_word_embeddings: bool = False  # lm_head shares its weight with embed_tokens
     attention_dropout: float = 0.0  # dropout on attention probabilities, training mode only (SimCSE uses 0.3)
@@ -59,7 +60,7 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         head_dim = self.head_dim
         if head_dim is None:
@@ -67,7 +68,7 @@ class LlamaConfig:
                 raise ConfigError(f"hidden_size ({self.hidden_size}) is not divisible by "
                                   f"num_attention_heads ({self.num_attention_heads})")
             head_dim = self.hidden_size // self.num_attention_heads
-        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 2:
+        if not is_int(head_dim) or head_dim <= 0 or head_dim % 2:
             raise ConfigError(f"head_dim must be a positive even integer (rotary embeddings rotate "
                               f"pairs), got {head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -123,7 +124,7 @@ class LlamaConfig:
             scaling = hf.get("rope_scaling")
 
         def number(name, value):  # a float field, or ConfigError naming it
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_number(value):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
             return float(value)
 
@@ -242,7 +243,7 @@ def _normalise_rope_scaling(scaling: Any) -> Optional[dict]:
     scaling["rope_type"] = rope_type
     for key in _ROPE_KEYS[rope_type]:
         value = scaling.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if not is_number(value) or value <= 0:
             raise ConfigError(f"rope_scaling.{key} must be a positive number, got {value!r}")
     if rope_type == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ConfigError("rope_scaling.high_freq_factor must be greater than low_freq_factor")

@@ -37,7 +37,8 @@ from typing import List, Tuple
 
 from .errors import DataError
 
-_SEMEVAL_INPUT = re.compile(r"^(STS(?:\d{4})?)\.input\.(.+)\.txt$")  # STS.input.MSRpar.txt, STS2016.input.x.txt
+# STS.input.MSRpar.txt, STS2016.input.x.txt
+_SEMEVAL_INPUT = re.compile(r"^(STS(?:\d{4})?)\.input\.(.+)\.txt$")
 _SEMEVAL_GOLD = re.compile(r"^STS(?:\d{4})?\.gs\.(.+)\.txt$")
 _STSB_NAME = re.compile(r"^sts-.*\.csv$")
 _FORMATS = ("auto", "stsb", "semeval", "sick")
@@ -111,7 +112,7 @@ def _non_empty(subset: STSSubset, path: Path) -> STSSubset:
     return subset
 
 
-# ----------------------------------------------------------------------------------------- the three STS layouts
+# ------------------------------------------------------------------------------- the three STS layouts
 
 def read_stsb(path) -> List[STSSubset]:
     """An STS Benchmark file -> one subset named after the file (`sts-dev`)."""
@@ -172,7 +173,7 @@ _SICK_COLUMNS = ("pair_ID", "sentence_A", "sentence_B", "relatedness_score", "en
 
 
 def read_sick(path) -> List[STSSubset]:
-    """A SICK file -> one subset, or one per `SemEval_set` value (`SICK-train`, ...) when that column exists."""
+    """A SICK file -> one subset, or one per `SemEval_set` value (`SICK-train`, ...) if that column exists."""
     path = Path(path)
     lines = [(n, line) for n, line in enumerate(_read_text_lines(path), start=1) if line.strip()]
     if not lines:
@@ -183,7 +184,8 @@ def read_sick(path) -> List[STSSubset]:
         missing = [c for c in ("sentence_a", "sentence_b", "relatedness_score") if c not in index]
         if missing:
             raise DataError(f"{path}, line {lines[0][0]}: the SICK header lacks column(s) {missing}")
-        a, b, s, split = index["sentence_a"], index["sentence_b"], index["relatedness_score"], index.get("semeval_set")
+        a, b, s = index["sentence_a"], index["sentence_b"], index["relatedness_score"]
+        split = index.get("semeval_set")
         columns, lines = header, lines[1:]
     else:  # no header: the SemEval-2014 layout
         a, b, s, split, columns = 1, 2, 3, None, _SICK_COLUMNS

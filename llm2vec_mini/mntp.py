@@ -9,6 +9,9 @@ the hidden state at position i - 1, the position a decoder already predicts the 
 The official settings (train_configs/mntp/Sheared-Llama.json): blocks of 512 tokens, mask ratio 0.2,
 "_" as the mask token, 80 % mask / 10 % random / 10 % kept, batch 32, 1000 steps, LoRA r = 16.
 
+Everything MNTP lives here: the data (`group_texts`, `mntp_task`), the masking (`MNTPCollator`), the
+loss (`mntp_loss`) and the task the generic trainer (train.py) runs (`MNTPTask`).
+
 References:
 1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.2 and Appendix D.1.1
 2) Devlin et al., "BERT", 2019, https://arxiv.org/abs/1810.04805, Sec. 3.1 (the 80/10/10 recipe)
@@ -21,7 +24,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .distributed import all_reduce_sum, sum_over_processes
 from .errors import ConfigError
 
 IGNORE = -100  # label value that cross-entropy skips
@@ -120,3 +125,51 @@ def mntp_loss_full(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The textbook form: CE(logits[:, :-1], labels[:, 1:]) over the full (B, T, vocab) logits."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE)
+
+
+# -------------------------------------------------------------------------------------------------
+# The task the trainer runs: example indices -> a masked batch -> the loss
+
+class MNTPTask(nn.Module):
+    """Masked next-token prediction on token blocks (n_blocks, block_size) of a LlamaForCausalLM.
+
+    The trainer's contract (train.py): `make_batch(indices, generator)` builds the global batch, and
+    `forward(batch)` returns the loss of the global batch, the same value on every process, whose
+    gradient covers this process's own examples.
+    """
+
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, collator: MNTPCollator):
+        super().__init__()
+        self.model, self.blocks, self.collator = model, blocks, collator
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def make_batch(self, indices, generator):
+        return self.collator(self.blocks[indices], generator=generator)  # (inputs, labels), (B, T)
+
+    def forward(self, batch):
+        inputs, labels = batch
+        hidden = self.model.model(inputs)  # (B, T, H), bidirectional
+        # the mean over the masked tokens of the global batch: the counts differ between processes,
+        # so each divides its own sum by the global count, and the shares add up to the mean
+        count = all_reduce_sum((labels[:, 1:] != IGNORE).sum().to(torch.float32))
+        share = mntp_loss(hidden, labels, self.model.lm_head, n_labels=count)
+        return sum_over_processes(share)
+
+
+def mntp_task(model: nn.Module, tokenizer, texts: Sequence[str], block_size: int = 512,
+              mask_ratio: float = 0.2, all_mask: bool = False, max_blocks: Optional[int] = None) -> MNTPTask:
+    """Tokenise texts (with the tokenizer's own bos/eos), concatenate, cut into blocks, and mask.
+
+    The special ids (bos, eos, pad) are never masked; the mask token is `choose_mask_token`'s.
+    """
+    blocks = group_texts(tokenizer.encode_batch(list(texts), add_special_tokens=True), block_size)
+    if max_blocks is not None:
+        if max_blocks < 1:
+            raise ConfigError(f"max_blocks must be at least 1, got {max_blocks}")
+        blocks = blocks[:max_blocks]
+    specials = [i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if i is not None]
+    collator = MNTPCollator(mask_id=choose_mask_token(tokenizer), vocab_size=model.config.vocab_size,
+                            special_ids=specials, mask_ratio=mask_ratio, all_mask=all_mask)
+    return MNTPTask(model, blocks, collator)

@@ -6,8 +6,10 @@ The blocks, in the order a token meets them:
 LLM2Vec step 1 (paper Sec. 2.1, "Enabling bidirectional attention") is one boolean: with
 `set_causal(False)` the attention mask stops hiding future tokens, and nothing else changes.
 
-For inference, `fuse_projections` stores each layer's q/k/v (and gate/up) weights as one matrix, so
-that `project` runs them as one matrix product; the values do not change, only the speed.
+This file is the textbook path. The speed tricks live in `ops.py`: hand-written backward passes
+(attention dropout, SwiGLU, LoRA layers) and, for the encoder, q/k/v (and gate/up) as one matrix
+product (`ops.fuse_projections`, which replaces the blocks' `project` methods); each is tested equal
+to this plain code.
 
 Parameter names mirror Hugging Face's Llama (`model.layers.{i}.self_attn.q_proj.weight`, ...), so an HF
 state dict or a PEFT adapter loads with no renaming.
@@ -26,7 +28,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -130,63 +131,6 @@ def positions_from_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_
 
 
 # -------------------------------------------------------------------------------------------------
-# Projections that read the same input: q, k, v (and gate, up) can be one matrix product.
-
-def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
-    """Several projections of the same x: (..., in) -> [(..., out_1), (..., out_2), ...].
-
-    When their weights lie back to back in one matrix (see `fuse_projections`) and no gradient is
-    needed, that is one GEMM, split afterwards: a larger, faster product on a CPU than one per
-    layer. Otherwise (training, LoRA layers) each layer runs on its own; the values are the same.
-    """
-    weight = None if torch.is_grad_enabled() else stacked_weight(linears)
-    if weight is None:
-        return [linear(x) for linear in linears]
-    return list(F.linear(x, weight).split([linear.out_features for linear in linears], dim=-1))
-
-
-def stacked_weight(linears) -> Optional[torch.Tensor]:
-    """The plain nn.Linear weights (out_i, in) as one (sum of out_i, in) matrix, if they already are
-    consecutive row blocks of one storage; None otherwise. A view of that storage: nothing is copied."""
-    first = linears[0].weight
-    end = first.data_ptr()
-    for linear in linears:
-        w = linear.weight
-        if (type(linear) is not nn.Linear or not w.is_contiguous() or w.data_ptr() != end
-                or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or w.shape[1] != first.shape[1] or w.dtype != first.dtype):
-            return None
-        end += w.numel() * w.element_size()  # the next block must start where this one ends
-    rows = sum(linear.weight.shape[0] for linear in linears)
-    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
-
-
-@torch.no_grad()
-def fuse_projections(model: nn.Module) -> nn.Module:
-    """Store each layer's q/k/v weights, and its gate/up weights, as row blocks of one matrix.
-
-    The parameters keep their names, shapes and values; they become views of the stacked matrix,
-    so `project` can run them as one GEMM at inference. Checkpoints, adapters and optimizers see no
-    difference; moving the model (`.to(...)`) makes separate copies again, which only loses the
-    speed-up (call this again afterwards). Returns the same model.
-    """
-    for layer in getattr(model, "model", model).layers:
-        for block, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")),
-                             (layer.mlp, ("gate_proj", "up_proj"))):
-            linears = [getattr(block, name) for name in names]
-            if any(type(linear) is not nn.Linear for linear in linears):
-                continue  # LoRA layers keep their own forward
-            stacked = torch.cat([linear.weight for linear in linears])  # (sum of out, in)
-            start = 0
-            for linear in linears:
-                rows = linear.weight.shape[0]
-                linear.weight = nn.Parameter(stacked[start:start + rows],
-                                             requires_grad=linear.weight.requires_grad)
-                start += rows
-    return model
-
-
-# -------------------------------------------------------------------------------------------------
 # The blocks
 
 class LlamaAttention(nn.Module):
@@ -203,9 +147,14 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
 
+    def project(self, x):
+        """The three projections of the same input: x (B, T, hidden) -> q (B, T, nh * d), k and v
+        (B, T, nkv * d). `ops.fuse_projections` swaps in one matrix product for inference."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, mask, is_causal=False):
         B, T, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # (B, T, n * d) each
+        q, k, v = self.project(x)  # (B, T, nh * d), (B, T, nkv * d), (B, T, nkv * d)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, d)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, d)
@@ -227,8 +176,12 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(h, m, bias=False)
         self.down_proj = nn.Linear(m, h, bias=False)
 
+    def project(self, x):
+        """gate(x) and up(x): (B, T, hidden) -> two (B, T, m). `ops.fuse_projections` fuses them."""
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x):  # (B, T, hidden) -> (B, T, hidden)
-        gate, up = project(x, self.gate_proj, self.up_proj)  # (B, T, m) each
+        gate, up = self.project(x)  # (B, T, m) each
         return self.down_proj(silu_mul(gate, up))  # silu(gate) * up (ops.py)
 
 

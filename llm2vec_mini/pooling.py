@@ -42,6 +42,14 @@ from .errors import ConfigError
 POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
 
 
+def append_eos(text: str, eos_token: str) -> str:
+    """The text `eos_token` pooling reads: the eos token written after it, as the official library does.
+
+    Both the encoder and SimCSE training apply this one rule, so they pool the same token.
+    """
+    return f"{text.strip()} {eos_token}"
+
+
 def _check(hidden: torch.Tensor, mask: Optional[torch.Tensor], name: str) -> None:
     if hidden.dim() != 3:
         raise ConfigError(f"hidden states must be (B, T, H), got shape {tuple(hidden.shape)}")

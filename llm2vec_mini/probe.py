@@ -58,6 +58,7 @@ from torch import nn
 from .data import read_conllu
 from .errors import ConfigError, DataError, TrainingError
 from .model import LlamaModel
+from .util import decoder_of, is_int, left_pad
 
 PROBE_MODES = ("first", "next_token")
 
@@ -98,7 +99,8 @@ def _starts_by_prefixes(tokenizer, text: str, words: Sequence[str]) -> Tuple[Lis
         prefix = list(tokenizer.encode(" ".join(words[:k]), add_special_tokens=False))
         if ids[:len(prefix)] != prefix or len(prefix) <= starts[-1]:
             raise DataError(f"word {k} ({words[k]!r}) or the one before has no token of its own in "
-                            f"{text[:60]!r}: the tokens of the words before are not a prefix of the sentence's")
+                            f"{text[:60]!r}: the tokens of the words before are not a prefix of the "
+                            f"sentence's")
         starts.append(len(prefix))
     return ids, starts
 
@@ -126,11 +128,10 @@ def align_words(tokenizer, words: Sequence[str]) -> Tuple[List[int], List[int]]:
 # ----------------------------------------------------------------------------------------- features
 
 def _decoder(model: nn.Module) -> LlamaModel:
-    if isinstance(model, LlamaModel):
-        return model
-    if isinstance(getattr(model, "model", None), LlamaModel):
-        return model.model  # a LlamaForCausalLM: skip the vocabulary head
-    raise ConfigError(f"expected a LlamaModel or LlamaForCausalLM, got {type(model).__name__}")
+    decoder = decoder_of(model)  # a LlamaForCausalLM: skip the vocabulary head
+    if not isinstance(decoder, LlamaModel):
+        raise ConfigError(f"expected a LlamaModel or LlamaForCausalLM, got {type(model).__name__}")
+    return decoder
 
 
 def _hidden_states(decoder: LlamaModel, input_ids, attention_mask, layer: Optional[int]) -> torch.Tensor:
@@ -158,13 +159,14 @@ def _word_vectors(hidden: torch.Tensor, starts: List[int], shift: int, merge_sub
     lengths = torch.diff(torch.tensor(starts + [hidden.shape[0]]))  # (n,) sub-tokens per word
     word_of = torch.repeat_interleave(torch.arange(len(starts)), lengths)  # (n_subtokens,)
     positions = torch.arange(starts[0], hidden.shape[0]) - shift  # (n_subtokens,)
-    sums = torch.zeros(len(starts), hidden.shape[1], dtype=hidden.dtype).index_add_(0, word_of, hidden[positions])
+    sums = torch.zeros(len(starts), hidden.shape[1], dtype=hidden.dtype)
+    sums.index_add_(0, word_of, hidden[positions])  # (n, H): each word's sub-token states added up
     return sums / lengths[:, None].to(hidden.dtype)  # (n, H)
 
 
-def extract_word_features(model: nn.Module, tokenizer, sentences: Sequence[Sequence[str]], mode: str = "first",
-                          batch_size: int = 16, max_length: int = 512, layer: Optional[int] = None,
-                          merge_subwords: bool = False) -> np.ndarray:
+def extract_word_features(model: nn.Module, tokenizer, sentences: Sequence[Sequence[str]],
+                          mode: str = "first", batch_size: int = 16, max_length: int = 512,
+                          layer: Optional[int] = None, merge_subwords: bool = False) -> np.ndarray:
     """Frozen features of every word of every sentence, in order: (n_words, H) float32.
 
     model: a LlamaModel or LlamaForCausalLM, used as it is (its `causal` flag picks Uni or Bi).
@@ -173,16 +175,18 @@ def extract_word_features(model: nn.Module, tokenizer, sentences: Sequence[Seque
     """
     if mode not in PROBE_MODES:
         raise ConfigError(f"unknown probe mode {mode!r}; valid modes: {', '.join(PROBE_MODES)}")
-    if not (isinstance(batch_size, int) and batch_size >= 1 and isinstance(max_length, int) and max_length >= 2):
-        raise ConfigError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size!r} and {max_length!r}")
+    if not (is_int(batch_size) and batch_size >= 1 and is_int(max_length) and max_length >= 2):
+        raise ConfigError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size!r} and "
+                          f"{max_length!r}")
     bos = getattr(tokenizer, "bos_id", None)
     if mode == "next_token" and bos is None:
         raise ConfigError("mode 'next_token' reads the position before each word, and the first word has "
                           "none: the tokenizer needs a BOS token (bos_id is None)")
     decoder = _decoder(model)
     n_layers = len(decoder.layers)
-    if layer is not None and not (isinstance(layer, int) and -n_layers <= layer < n_layers):
-        raise ConfigError(f"layer must be None (the final output) or in [-{n_layers}, {n_layers}), got {layer!r}")
+    if layer is not None and not (is_int(layer) and -n_layers <= layer < n_layers):
+        raise ConfigError(f"layer must be None (the final output) or in [-{n_layers}, {n_layers}), "
+                          f"got {layer!r}")
     pad = next((i for i in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None), bos)
                 if i is not None), 0)  # never attended to, any id will do
 
@@ -208,13 +212,8 @@ def extract_word_features(model: nn.Module, tokenizer, sentences: Sequence[Seque
         with torch.no_grad():
             for begin in range(0, len(order), batch_size):
                 batch = order[begin:begin + batch_size]
-                T = max(len(aligned[i][0]) for i in batch)
-                input_ids = torch.full((len(batch), T), pad, dtype=torch.long)  # (B, T)
-                attention_mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
-                for row, i in enumerate(batch):
-                    ids = aligned[i][0]
-                    input_ids[row, T - len(ids):] = torch.tensor(ids)  # left padding
-                    attention_mask[row, T - len(ids):] = 1
+                input_ids, attention_mask = left_pad([aligned[i][0] for i in batch], pad)  # (B, T) each
+                T = input_ids.shape[1]
                 hidden = _hidden_states(decoder, input_ids.to(device), attention_mask.to(device), layer)
                 hidden = hidden.float().cpu()  # (B, T, H)
                 for row, i in enumerate(batch):
@@ -268,10 +267,11 @@ def train_probe(X, y, n_classes: int, epochs: int = 200, lr: float = 1.0, weight
     training set with L-BFGS: `epochs` is the most iterations (each a full pass), `lr` L-BFGS's step scale.
     The objective is convex, so the result hardly depends on `seed` (which sets the small initial weights).
     """
-    if not (isinstance(n_classes, int) and n_classes >= 2):
+    if not (is_int(n_classes) and n_classes >= 2):
         raise ConfigError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    if not (isinstance(epochs, int) and epochs >= 1 and lr > 0 and weight_decay >= 0):
-        raise ConfigError(f"need epochs >= 1, lr > 0, weight_decay >= 0; got {epochs!r}, {lr!r}, {weight_decay!r}")
+    if not (is_int(epochs) and epochs >= 1 and lr > 0 and weight_decay >= 0):
+        raise ConfigError(f"need epochs >= 1, lr > 0, weight_decay >= 0; got {epochs!r}, {lr!r}, "
+                          f"{weight_decay!r}")
     X, y = _check_xy(X, y, n_classes)
     if X.shape[0] == 0:
         raise DataError("no training examples")
@@ -346,7 +346,8 @@ def run_probe(model: nn.Module, tokenizer, train_path, test_path, mode: str = "f
                   merge_subwords=merge_subwords)
     X_train = extract_word_features(model, tokenizer, train_words, **kwargs)  # (n_train, H)
     X_test = extract_word_features(model, tokenizer, test_words, **kwargs)  # (n_test, H)
-    probe = train_probe(X_train, y_train, len(tagset), epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
+    probe = train_probe(X_train, y_train, len(tagset), epochs=epochs, lr=lr, weight_decay=weight_decay,
+                        seed=seed)
     majority = np.bincount(y_train, minlength=len(tagset)).argmax()
     return dict(accuracy=probe_accuracy(probe, X_test, y_test),
                 majority_baseline=float((y_test == majority).mean()),

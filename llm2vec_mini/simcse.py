@@ -11,18 +11,27 @@ Supervised (LLM2Vec's E5 runs): each query q_i has a positive p_i and a hard neg
 candidates for q_i are every p_j and every n_j of the batch (the official HardNegativeNLLLoss, scale 50).
 With several processes the candidates are all-gathered, so every process sees the global batch.
 
+Everything SimCSE lives here: the losses, the data (`simcse_task`), attention dropout
+(`set_attention_dropout`) and the task the generic trainer (train.py) runs (`SimCSETask`).
+
 References:
-1) Gao, Yao, Chen, "SimCSE", 2021, https://arxiv.org/abs/2104.08821, Sec. 3 (unsupervised), Sec. 4 (supervised)
+1) Gao, Yao, Chen, "SimCSE", 2021, https://arxiv.org/abs/2104.08821, Sec. 3 (unsupervised) and 4
+   (supervised)
 2) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.3 and Appendix D.1.2
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .pooling import append_eos, pool
+from .util import decoder_of, left_pad
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -54,8 +63,7 @@ def contrastive_loss(queries: torch.Tensor, positives: torch.Tensor,
 
     queries, positives: (B, H), row i of each is a pair; negatives: (B, H) or None.
     Target of query i is positive i. Returns a scalar: the mean over the global batch, the same on
-    every process. Each process's gradient covers only its own rows, so a distributed trainer that
-    averages gradients multiplies this loss by the world size before `backward` (see train.py).
+    every process. Each process's gradient covers only its own rows (the trainer's contract, train.py).
     """
     queries = gather_with_grad(queries)  # (B_global, H)
     candidates = gather_with_grad(positives)  # (B_global, H)
@@ -75,3 +83,63 @@ def supervised_loss(queries: torch.Tensor, positives: torch.Tensor, negatives: t
                     scale: float = 50.0) -> torch.Tensor:
     """Supervised contrastive loss with hard negatives (the official HardNegativeNLLLoss)."""
     return contrastive_loss(queries, positives, negatives, scale)
+
+
+# -------------------------------------------------------------------------------------------------
+# The task the trainer runs: example indices -> a padded batch -> the loss of two dropout views
+
+class SimCSETask(nn.Module):
+    """Unsupervised SimCSE on tokenised sentences: the same batch twice, dropout makes the views.
+
+    The trainer's contract (train.py): `make_batch(indices, generator)` builds the global batch, and
+    `forward(batch)` returns the loss of the global batch, the same value on every process, whose
+    gradient covers this process's own examples (`contrastive_loss` all-gathers the embeddings).
+    """
+
+    def __init__(self, model: nn.Module, sentences: list, pad_id: int, pooling: str = "mean",
+                 scale: float = 20.0, bos_id: Optional[int] = None):
+        super().__init__()
+        self.model, self.sentences, self.pad_id = model, sentences, pad_id
+        self.pooling, self.scale, self.bos_id = pooling, scale, bos_id
+
+    def __len__(self):
+        return len(self.sentences)
+
+    def make_batch(self, indices, generator):
+        return left_pad([self.sentences[i] for i in indices], self.pad_id)  # (ids, mask), (B, T): as encoded
+
+    def embed(self, ids, mask):
+        # pool the text's tokens, as LLM2Vec.encode does: not the padding, not a leading bos
+        text = mask if self.bos_id is None else mask * (ids != self.bos_id)
+        return pool(self.model.model(ids, mask), mask, text, self.pooling)  # (B, H)
+
+    def forward(self, batch):
+        ids, mask = batch
+        e1, e2 = self.embed(ids, mask), self.embed(ids, mask)  # two dropout views
+        return unsup_simcse_loss(e1, e2, self.scale)
+
+
+def simcse_task(model: nn.Module, tokenizer, sentences: Sequence[str], max_length: int = 128,
+                pooling: str = "mean", scale: float = 20.0) -> SimCSETask:
+    """Tokenise each sentence (cut to max_length tokens) as the encoder reads it: padded with eos,
+    and for eos_token pooling with the eos token written after the text (`pooling.append_eos`)."""
+    if max_length < 2:
+        raise ConfigError(f"max_length must be at least 2, got {max_length}")
+    if pooling == "eos_token":
+        if tokenizer.eos_id is None:
+            raise ConfigError("pooling 'eos_token' needs a tokenizer with an eos token")
+        eos = tokenizer.id_to_token(tokenizer.eos_id)
+        sentences = [append_eos(s, eos) for s in sentences]
+    ids = [s[:max_length] for s in tokenizer.encode_batch(list(sentences), add_special_tokens=True)]
+    pad = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    return SimCSETask(model, ids, pad_id=pad, pooling=pooling, scale=scale, bos_id=bos)
+
+
+def set_attention_dropout(model: nn.Module, p: float) -> nn.Module:
+    """SimCSE's views differ by dropout: LLM2Vec uses 0.3 on the attention probabilities."""
+    if not 0 <= p < 1:
+        raise ConfigError(f"attention dropout must be in [0, 1), got {p!r}")
+    for layer in decoder_of(model).layers:
+        layer.self_attn.dropout = p
+    return model

@@ -1,14 +1,22 @@
-"""One small trainer for LLM2Vec's two training steps: MNTP (step 2) and SimCSE (step 3).
+"""One small, generic trainer for LLM2Vec's two training steps: MNTP (step 2) and SimCSE (step 3).
 
-Both train only LoRA adapters with AdamW, linear warm-up then linear decay, gradient accumulation and
-clipping. Every random choice (which examples, which tokens to mask, dropout) is drawn from generators
-seeded by (seed, step), never from a running stream, so a run stopped after a checkpoint and resumed
-with `resume=True` ends with the same adapter as an uninterrupted run, bit for bit on a CPU.
+It trains the LoRA parameters of `task.model` with AdamW, linear warm-up then linear decay, gradient
+accumulation and clipping, and knows nothing of either objective. A task (mntp.MNTPTask,
+simcse.SimCSETask) is a module with:
 
-Several processes (`torchrun --nproc_per_node=N`): each takes its slice of the same global batch, the
-contrastive loss sees the all-gathered embeddings, and DistributedDataParallel averages gradients; the
-losses are written as global means times the world size so that N processes with batch b take the
-same steps as one process with batch N·b.
+    task.model                           the LlamaForCausalLM with LoRA layers (lora.add_lora)
+    len(task)                            the number of examples
+    task.make_batch(indices, generator)  the global batch of those examples (tensors)
+    task(batch)                          the loss of the global batch: the same value on every
+                                         process, its gradient covering this process's examples
+
+Every random choice (which examples, which tokens to mask, dropout) is drawn from generators seeded by
+the tuple (seed, step, micro-batch), never from a running stream, so a run stopped after a checkpoint
+and resumed with `resume=True` ends with the same adapter as an uninterrupted run, bit for bit on a CPU.
+
+Several processes (`torchrun --nproc_per_node=N`): each takes its slice of the same global batch and
+DistributedDataParallel averages the gradients; the trainer multiplies the loss by N before backward,
+so that N processes with batch b take the same steps as one process with batch N·b.
 
 References:
 1) Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (AdamW), 2019, https://arxiv.org/abs/1711.05101
@@ -18,8 +26,6 @@ References:
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,11 +36,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError, DataError, TrainingError
-from .lora import lora_layers, load_adapter, save_adapter
-from .mntp import IGNORE, MNTPCollator, mntp_loss
-from .pooling import pool
-from .simcse import unsup_simcse_loss
+from .convert.peft import load_adapter, save_adapter
+from .distributed import world
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
+from .lora import lora_layers
+from .util import decoder_of, derive_seed, generator, read_json
 
 
 @dataclass
@@ -72,85 +78,15 @@ class TrainConfig:
             raise ConfigError("bf16 autocast is for GPUs; on a CPU train in fp32 (bf16 matmul is far slower)")
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def batch_indices(n: int, size: int, k: int, seed: int) -> list[int]:
     """The k-th batch of `size` indices from an endless stream of seeded permutations of range(n)."""
     out, perms = [], {}
     for p in range(k * size, (k + 1) * size):
         epoch = p // n
         if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+            perms[epoch] = torch.randperm(n, generator=generator("order", seed, epoch))
         out.append(int(perms[epoch][p % n]))
     return out
-
-
-def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + micro)
-
-
-# -------------------------------------------------------------------------------------------------
-# The two tasks: each turns global example indices into a batch, and a batch into a loss.
-
-class MNTPTask(nn.Module):
-    """Masked next-token prediction on token blocks (n_blocks, block_size)."""
-
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, collator: MNTPCollator):
-        super().__init__()
-        self.model, self.blocks, self.collator = model, blocks, collator
-
-    def __len__(self):
-        return len(self.blocks)
-
-    def make_batch(self, indices, generator):
-        return self.collator(self.blocks[indices], generator=generator)  # (inputs, labels), (B, T)
-
-    def forward(self, batch):
-        inputs, labels = batch
-        hidden = self.model.model(inputs)  # (B, T, H), bidirectional
-        # the global mean over masked tokens: local sum / global count (counts differ by process)
-        count = (labels[:, 1:] != IGNORE).sum().to(torch.float32)
-        if world()[1] > 1:
-            dist.all_reduce(count)
-        return mntp_loss(hidden, labels, self.model.lm_head, n_labels=count) * world()[1]
-
-
-class SimCSETask(nn.Module):
-    """Unsupervised SimCSE on tokenised sentences: the same batch twice, dropout makes the views."""
-
-    def __init__(self, model: nn.Module, sentences: list, pad_id: int, pooling: str = "mean",
-                 scale: float = 20.0, bos_id: Optional[int] = None):
-        super().__init__()
-        self.model, self.sentences, self.pad_id = model, sentences, pad_id
-        self.pooling, self.scale, self.bos_id = pooling, scale, bos_id
-
-    def __len__(self):
-        return len(self.sentences)
-
-    def make_batch(self, indices, generator):
-        seqs = [self.sentences[i] for i in indices]
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), T, dtype=torch.long)
-        for b, s in enumerate(seqs):  # left padding, as LLM2Vec encodes
-            ids[b, T - len(s):] = torch.tensor(s)
-            mask[b, T - len(s):] = 1
-        return ids, mask
-
-    def embed(self, ids, mask):
-        # pool the text's tokens, as LLM2Vec.encode does: not the padding, not a leading bos
-        text = mask if self.bos_id is None else mask * (ids != self.bos_id)
-        return pool(self.model.model(ids, mask), mask, text, self.pooling)  # (B, H)
-
-    def forward(self, batch):
-        ids, mask = batch
-        e1, e2 = self.embed(ids, mask), self.embed(ids, mask)  # two dropout views
-        return unsup_simcse_loss(e1, e2, self.scale) * world()[1]  # global mean, see module doc
 
 
 # -------------------------------------------------------------------------------------------------
@@ -186,22 +122,46 @@ def latest_checkpoint(out_dir) -> Optional[Path]:
     return max(found)[1] if found else None
 
 
-def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False,
-          stop_after: Optional[int] = None, on_step: Optional[Callable[[dict], None]] = None) -> Path:
+# What a finished or interrupted run leaves in its output folder.
+RUN_FILES = ("metrics.jsonl", "adapter_config.json", "adapter_model.safetensors")
+
+
+def previous_run(out_dir) -> list[str]:
+    """The files and checkpoints of an earlier run in `out_dir` (empty for a new or empty folder)."""
+    out = Path(out_dir)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    return found + sorted(p.name for p in out.glob("checkpoint-*"))
+
+
+def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False, overwrite: bool = False,
+          stop_after: Optional[int] = None, on_step: Optional[Callable[[dict], None]] = None,
+          base_model_name_or_path: Optional[str] = None) -> Path:
     """Train the LoRA parameters of `task.model`; write the adapter to `output_dir` and return it.
 
+    resume: continue from the latest checkpoint in output_dir. A folder that holds an earlier run is
+    refused unless `resume` (with a checkpoint to resume from) or `overwrite` (start over: its
+    checkpoints and log are deleted) says what to do with it.
     stop_after: end (as if interrupted) after this step, leaving its checkpoint (for tests and budgets).
+    base_model_name_or_path: recorded in the adapter's adapter_config.json.
     """
     cfg.validate()
     rank, world_size = world()
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"the output folder {out} is a file")
     metrics_path = out / "metrics.jsonl"
     model = task.model
     if len(task) == 0:
         raise DataError("nothing to train on: the task has no examples")
     if not lora_layers(model):
         raise ConfigError("the model has no LoRA layers: call lora.add_lora(model, ...) first")
-    model.model.gradient_checkpointing = cfg.gradient_checkpointing
+    ckpt = latest_checkpoint(out) if resume else None
+    earlier = previous_run(out)
+    if ckpt is None and earlier and not overwrite:
+        what = "nothing to resume from (no complete checkpoint-N)" if resume else "it holds an earlier run"
+        raise ConfigError(f"{out}: {what}: {', '.join(earlier[:4])}{', ...' if len(earlier) > 4 else ''}; "
+                          f"pass --resume to continue that run or --overwrite to start over")
+    decoder_of(model).gradient_checkpointing = cfg.gradient_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -211,8 +171,8 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False,
         return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
 
     start = 0
-    if resume and (ckpt := latest_checkpoint(out)) is not None:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+    if ckpt is not None:
+        state = read_json(ckpt / "trainer_state.json", error=CheckpointError, expect=dict)
         load_adapter(model, ckpt)  # replaces the LoRA weights with the saved ones
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -223,7 +183,7 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False,
             metrics_path.write_text("".join(lines))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if start == 0:  # a fresh run starts a fresh log, and no old checkpoint can be resumed into it
+        if start == 0:  # a fresh run (overwrite): a fresh log, no old checkpoint to resume into it
             metrics_path.unlink(missing_ok=True)
             for old in out.glob("checkpoint-*"):
                 shutil.rmtree(old)
@@ -248,16 +208,19 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False,
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for m in range(cfg.grad_accum):
-            gen = _step_generator(cfg.seed, step, m)
+            # every draw is seeded by the tuple (seed, step, m): which examples, which tokens to mask
+            # (the generator), and dropout (the global seed); the same on every process
             idx = batch_indices(len(task), global_micro, step * cfg.grad_accum + m, cfg.seed)
-            full = task.make_batch(idx, gen)  # the global batch, identical on every process
+            full = task.make_batch(idx, generator("batch", cfg.seed, step, m))  # the global batch
             batch = tuple(t[rank * micro:(rank + 1) * micro].to(cfg.device) for t in full)
-            torch.manual_seed(cfg.seed * 7919 + step * 31 + m)  # dropout masks depend on the step only
+            torch.manual_seed(derive_seed("dropout", cfg.seed, step, m))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = runner(batch) / cfg.grad_accum
+                loss = runner(batch)  # the global batch's loss, the same on every process
             _stop_unless_finite(loss.detach(), "loss", step, out)  # before backward: no rank waits
-            loss.backward()
-            loss_sum += loss.item() / world_size
+            # DDP averages the gradients over processes, each of which covers its own examples: undo
+            # the average (times world_size), and average over the micro-batches
+            (loss * world_size / cfg.grad_accum).backward()
+            loss_sum += (loss / cfg.grad_accum).item()
         # the gradient norm (clipped to max_grad_norm, or only measured): a finite loss can still
         # give infinite gradients (an overflow), which must not reach the weights or a checkpoint
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
@@ -281,17 +244,7 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False,
     if bar is not None:
         bar.close()
     if rank == 0 and (stop_after is None or stop_after >= cfg.steps):
-        save_adapter(model, out)
+        save_adapter(model, out, base_model_name_or_path=base_model_name_or_path)
     elif rank == 0 and not (cfg.checkpoint_every and min(cfg.steps, last) % cfg.checkpoint_every == 0):
         _save_checkpoint(task, optimizer, min(cfg.steps, last), out, cfg, metrics_path)
     return out
-
-
-def init_distributed(device: str = "cpu") -> bool:
-    """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPUs)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return True

@@ -102,27 +102,21 @@ collect_ignore = [] if os.environ.get("LLM2VEC_MINI_REFERENCE") == "1" else ["re
 
 def write_tokenizer_dir(tokenizer, folder: Path) -> Path:
     """Our Tokenizer saved with BPE merges as "a b" strings, which transformers 4.x can also read."""
-    import json as _json
-    tokenizer.save(folder)
-    file = folder / "tokenizer.json"
-    data = _json.loads(file.read_text(encoding="utf-8"))
-    merges = data["model"].get("merges") or []
-    if merges and isinstance(merges[0], list):
-        data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
-        file.write_text(_json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return folder
+    from llm2vec_mini.convert.hf_tokenizer import save_hf_tokenizer
+    return save_hf_tokenizer(tokenizer, folder, legacy_merges=True)
 
 
 @pytest.fixture(scope="session")
 def llama2_tokenizer():
-    from llm2vec_mini.tokenizer import Tokenizer
-    return Tokenizer.from_gguf(shared_data_dir() / "tokenizers" / "ggml-vocab-llama-spm.gguf")
+    from llm2vec_mini.convert.gguf import load_gguf_tokenizer
+    return load_gguf_tokenizer(shared_data_dir() / "tokenizers" / "ggml-vocab-llama-spm.gguf")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, llama2_tokenizer) -> Path:
     """transformers' LlamaForCausalLM (2 layers, GQA, random N(0, 0.1) weights), Llama-2 tokenizer."""
     import transformers
+
     from llm2vec_mini import LlamaConfig
     folder = tmp_path_factory.mktemp("tiny_llama")
     cfg = LlamaConfig.tiny(vocab_size=32000, pad_token_id=None)

@@ -5,9 +5,11 @@ import sys
 import torch
 
 from llm2vec_mini import LlamaConfig, LlamaForCausalLM
+from llm2vec_mini.distributed import init_distributed, world
 from llm2vec_mini.lora import add_lora
-from llm2vec_mini.mntp import MNTPCollator
-from llm2vec_mini.train import MNTPTask, SimCSETask, TrainConfig, init_distributed, train, world
+from llm2vec_mini.mntp import MNTPCollator, MNTPTask
+from llm2vec_mini.simcse import SimCSETask
+from llm2vec_mini.train import TrainConfig, train
 
 
 def main(task_name: str, batch_size: int, out: str) -> None:

@@ -123,7 +123,8 @@ def test_mntp_folder_loads_as_a_model_like_the_hub_ones(tiny_llama_dir, adapters
     cfg = json.loads((moved / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "princeton-nlp/Sheared-LLaMA-1.3B"
     (moved / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"mntp-elsewhere.*'princeton-nlp/Sheared-LLaMA-1.3B'.*not a local path"):
+    with pytest.raises(CheckpointError,
+                       match=r"mntp-elsewhere.*'princeton-nlp/Sheared-LLaMA-1.3B'.*not a local path"):
         LLM2Vec.from_pretrained(moved, device="cpu")
 
 

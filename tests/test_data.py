@@ -8,10 +8,18 @@ import csv
 import re
 
 import pytest
-
 from conftest import missing
-from llm2vec_mini.data import (STSPair, STSSubset, load_sts, read_conllu, read_lines, read_semeval,
-                               read_sick, read_stsb)
+
+from llm2vec_mini.data import (
+    STSPair,
+    STSSubset,
+    load_sts,
+    read_conllu,
+    read_lines,
+    read_semeval,
+    read_sick,
+    read_stsb,
+)
 from llm2vec_mini.errors import DataError
 
 
@@ -25,7 +33,8 @@ def write(path, lines, newline="\n"):
 STSB_LINES = [
     "main-captions\tMSRvid\t2012test\t0001\t5.000\tA man is playing a flute.\tA man is playing a flute.",
     'main-forums\tdeft-forum\t2014\t0010\t1.400\tHe said "no.\tThe "answer" was "maybe',  # unbalanced quotes
-    "main-news\theadlines\t2016\t0281\t0\tStocks fall\tMarkets rise\tEurope Media Monitor\tEurope Media Monitor",
+    "main-news\theadlines\t2016\t0281\t0\tStocks fall\tMarkets rise\tEurope Media Monitor"
+    "\tEurope Media Monitor",
 ]
 
 
@@ -230,7 +239,8 @@ def _real(data_dir, *parts):
     return path
 
 
-@pytest.mark.parametrize("name, rows, nine_column_rows", [("sts-dev.csv", 1500, 22), ("sts-train.csv", 5749, 197)])
+@pytest.mark.parametrize("name, rows, nine_column_rows",
+                         [("sts-dev.csv", 1500, 22), ("sts-train.csv", 5749, 197)])
 def test_real_stsb_matches_the_csv_module(data_dir, name, rows, nine_column_rows):
     path = _real(data_dir, "stsbenchmark", name)
     (subset,) = load_sts(path)
@@ -251,7 +261,8 @@ def test_real_stsb_folder_gives_both_splits(data_dir):
 
 def test_real_dev_first_pair(data_dir):
     (dev,) = load_sts(_real(data_dir, "stsbenchmark", "sts-dev.csv"))
-    assert dev.pairs[0] == STSPair("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0)
+    first = STSPair("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing.", 5.0)
+    assert dev.pairs[0] == first
 
 
 def test_real_wiki1m_slice(data_dir):

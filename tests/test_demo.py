@@ -31,9 +31,9 @@ def test_tiny_demo_writes_table_chart_and_adapters(tmp_path, capsys):
 
 
 def test_ctrl_c_keeps_what_finished(tmp_path, capsys, monkeypatch):
-    import llm2vec_mini.demo as demo
+    import llm2vec_mini.recipes as recipes
 
-    real_train, calls = demo.train, []
+    real_train, calls = recipes.train, []
 
     def train_then_interrupt(*args, **kwargs):  # Ctrl-C during the second training stage (SimCSE)
         calls.append(1)
@@ -41,7 +41,7 @@ def test_ctrl_c_keeps_what_finished(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(demo, "train", train_then_interrupt)
+    monkeypatch.setattr(recipes, "train", train_then_interrupt)
     out = tmp_path / "demo"
     assert main(["demo", "--tiny", "--out", str(out)]) == 130
     assert "Interrupted: keeping what finished" in capsys.readouterr().out
@@ -79,3 +79,38 @@ def test_data_folder_is_found_in_the_documented_order(tmp_path, monkeypatch):
         demo.find_data_dir()
     for bad in ("0", "inf", "nan"):
         assert main(["demo", "--tiny", "--budget-minutes", bad]) == 2
+
+
+def test_the_demo_and_the_cli_train_the_same_adapters(tmp_path):
+    """The demo's stages and `train-mntp` / `train-simcse` on the same model, data, seed and settings
+    give the same two adapters (the demo once seeded its SimCSE adapter with seed + 1)."""
+    import torch
+
+    from llm2vec_mini.convert.hf import save_hf_dir
+    from llm2vec_mini.demo import smoke_corpus, tiny_model, tiny_recipe
+
+    seed = "5"
+    assert main(["demo", "--tiny", "--out", str(tmp_path / "demo"), "--seed", seed]) == 0
+    model, tokenizer = tiny_model()  # the demo's model and corpus, on disk for the CLI
+    save_hf_dir(model, tokenizer, tmp_path / "tiny")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(smoke_corpus()) + "\n")
+    r = tiny_recipe()
+    common = ["--model", str(tmp_path / "tiny"), "--data", str(corpus), "--seed", seed, "--device", "cpu",
+              "--lora-r", str(r.lora_r), "--lora-alpha", str(r.lora_alpha), "--lora-dropout", "0.05"]
+    mntp = ["--output", str(tmp_path / "mntp"), "--steps", str(r.mntp_steps),
+            "--batch-size", str(r.mntp_batch), "--lr", str(r.mntp_lr), "--block-size", str(r.mntp_block),
+            "--warmup-steps", str(max(1, r.mntp_steps // 10))]
+    simcse = ["--adapter", str(tmp_path / "mntp"), "--output", str(tmp_path / "simcse"),
+              "--steps", str(r.simcse_steps), "--batch-size", str(r.simcse_batch), "--lr", str(r.simcse_lr),
+              "--max-length", str(r.simcse_max_length), "--warmup-steps", str(max(1, r.simcse_steps // 10))]
+    assert main(["train-mntp", *common, *mntp]) == 0
+    assert main(["train-simcse", *common, *simcse]) == 0
+    for stage in ("mntp", "simcse"):
+        demo = load_file(tmp_path / "demo" / stage / "adapter_model.safetensors")
+        cli = load_file(tmp_path / stage / "adapter_model.safetensors")
+        assert sorted(demo) == sorted(cli)
+        assert any(v.abs().max() > 0 for k, v in cli.items() if "lora_B" in k)
+        for k in demo:
+            torch.testing.assert_close(cli[k], demo[k], rtol=0, atol=1e-6, msg=f"{stage}: {k}")
+

@@ -194,9 +194,10 @@ def test_texts_with_no_tokens_left_encode_without_a_bos_token(tiny_llama_dir, re
 
 
 def test_one_adapter_as_a_string_reads_its_settings(tiny_llama_dir, tmp_path):
-    from llm2vec_mini.encoder import write_settings
-    from llm2vec_mini.lora import add_lora, save_adapter
     from llm2vec_mini.convert.hf import load_pretrained
+    from llm2vec_mini.convert.peft import save_adapter
+    from llm2vec_mini.encoder import write_settings
+    from llm2vec_mini.lora import add_lora
 
     model, _ = load_pretrained(tiny_llama_dir)
     add_lora(model, r=4, alpha=8.0)

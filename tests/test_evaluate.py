@@ -7,13 +7,19 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-
 from conftest import missing
+
 from llm2vec_mini.data import STSSubset, load_sts
 from llm2vec_mini.errors import DataError
-from llm2vec_mini.evaluate import (cosine_scores, encode_unique, evaluate_sts, format_table, pearson,
-                                   rankdata, spearman)
-
+from llm2vec_mini.evaluate import (
+    cosine_scores,
+    encode_unique,
+    evaluate_sts,
+    format_table,
+    pearson,
+    rankdata,
+    spearman,
+)
 
 # ----------------------------------------------------------------------------------------- correlations
 
@@ -197,11 +203,11 @@ def test_stsb_dev_bag_of_words_baseline(data_dir):
     # give many exactly tied cosines (e.g. 1.0 for repeated sentences), and two cosine formulas round
     # such ties differently by an ulp, which reorders them: hence a tolerance of 0.01 points, not 1e-6.
     enc = _bag_of_words(vocab)
-    cos = torch.nn.functional.cosine_similarity(torch.tensor(enc(dev.sentences1), dtype=torch.float64),
-                                                torch.tensor(enc(dev.sentences2), dtype=torch.float64)).numpy()
+    e1, e2 = (torch.tensor(enc(s), dtype=torch.float64) for s in (dev.sentences1, dev.sentences2))
+    cos = torch.nn.functional.cosine_similarity(e1, e2).numpy()
     assert results["sts-dev"]["n"] == 1500
-    assert results["sts-dev"]["spearman"] == pytest.approx(100 * scipy.stats.spearmanr(cos, dev.scores).statistic,
-                                                           abs=0.01)
-    assert results["sts-dev"]["pearson"] == pytest.approx(100 * scipy.stats.pearsonr(cos, dev.scores).statistic,
-                                                          abs=1e-6)
+    spearman = scipy.stats.spearmanr(cos, dev.scores).statistic
+    pearson = scipy.stats.pearsonr(cos, dev.scores).statistic
+    assert results["sts-dev"]["spearman"] == pytest.approx(100 * spearman, abs=0.01)
+    assert results["sts-dev"]["pearson"] == pytest.approx(100 * pearson, abs=1e-6)
     assert 40 < results["sts-dev"]["spearman"] < 80  # word overlap is a weak but real signal

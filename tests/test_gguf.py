@@ -14,8 +14,16 @@ from gguf import GGUFValueType as VT  # noqa: E402
 from gguf.quants import dequantize as ref_dequantize  # noqa: E402
 from gguf.quants import quantize as ref_quantize  # noqa: E402
 
-from llm2vec_mini.convert.gguf import (GGML_TYPES, dequantize, gguf_config, load_gguf,  # noqa: E402
-                                       load_gguf_model, permute_qk, read_gguf, unpermute_qk)
+from llm2vec_mini.convert.gguf import (  # noqa: E402
+    GGML_TYPES,
+    dequantize,
+    gguf_config,
+    load_gguf,
+    load_gguf_model,
+    permute_qk,
+    read_gguf,
+    unpermute_qk,
+)
 from llm2vec_mini.errors import CheckpointError  # noqa: E402
 
 
@@ -123,7 +131,8 @@ def test_reader_on_vocab_only_files(data_dir):
     _assert_same_as_gguf_py(f, gguf.GGUFReader(path))  # gguf-py's reader is slow: one file is enough
     f = read_gguf(data_dir / "tokenizers" / "ggml-vocab-gpt-2.gguf")
     assert f.tensors == {} and len(f.metadata["tokenizer.ggml.tokens"]) == 50257
-    assert len(f.metadata["tokenizer.ggml.merges"]) == 50000 and f.metadata["tokenizer.ggml.merges"][0] == "Ġ t"
+    merges = f.metadata["tokenizer.ggml.merges"]
+    assert len(merges) == 50000 and merges[0] == "Ġ t"
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +387,8 @@ def test_bad_magic_versions_and_empty_file(tmp_path):
 
 
 def test_truncated_metadata_and_absurd_lengths(tmp_path):
-    good = build(tmp_path / "good.gguf", kvs=[kv("general.name", 8, s("tiny")), kv("n", 4, struct.pack("<I", 7))])
+    good = build(tmp_path / "good.gguf",
+                 kvs=[kv("general.name", 8, s("tiny")), kv("n", 4, struct.pack("<I", 7))])
     assert read_gguf(good).metadata == {"general.name": "tiny", "n": 7}
     whole = good.read_bytes()
     (tmp_path / "cut.gguf").write_bytes(whole[:40])
@@ -395,7 +405,8 @@ def test_truncated_metadata_and_absurd_lengths(tmp_path):
     raises(build(tmp_path / "vtype.gguf", kvs=[kv("k", 99, b"\0" * 8)]), "unknown value type 99")
     raises(build(tmp_path / "utf8.gguf", kvs=[kv("k", 8, s(b"\xff\xfe"))]), "UTF-8")
     raises(build(tmp_path / "dup.gguf", kvs=[kv("k", 0, b"\1"), kv("k", 0, b"\2")]), "duplicate metadata key")
-    raises(build(tmp_path / "align.gguf", kvs=[kv("general.alignment", 4, struct.pack("<I", 24))]), "power of two")
+    raises(build(tmp_path / "align.gguf", kvs=[kv("general.alignment", 4, struct.pack("<I", 24))]),
+           "power of two")
 
 
 def test_bad_tensor_infos(tmp_path):
@@ -407,17 +418,17 @@ def test_bad_tensor_infos(tmp_path):
     (tmp_path / "short.gguf").write_bytes(ok.read_bytes()[:-10])
     raises(tmp_path / "short.gguf", r"tensor 'w'.*past the end")
     path = tmp_path / "far.gguf"  # one tensor info by hand: offset 2^40
-    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + s("w") + struct.pack("<I2QIQ", 2, 8, 4, 0, 1 << 40)
-                     + b"\0" * 200)
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + s("w")  # one tensor, no metadata
+    path.write_bytes(head + struct.pack("<I2QIQ", 2, 8, 4, 0, 1 << 40) + b"\0" * 200)
     raises(path, r"tensor 'w'.*past the end")
-    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + s("w") + struct.pack("<I2QIQ", 2, 8, 4, 0, 3)
-                     + b"\0" * 200)
+    path.write_bytes(head + struct.pack("<I2QIQ", 2, 8, 4, 0, 3) + b"\0" * 200)
     raises(path, r"tensor 'w'.*not a multiple of the alignment")
-    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + s("w") + struct.pack("<I5QIQ", 5, *[1] * 5, 0, 0)
-                     + b"\0" * 200)
+    path.write_bytes(head + struct.pack("<I5QIQ", 5, *[1] * 5, 0, 0) + b"\0" * 200)
     raises(path, r"tensor 'w' has 5 dimensions")
-    raises(build(tmp_path / "type.gguf", tensors=[("w", (32,), 99, b"\0" * 64)]), r"tensor 'w'.*unknown ggml type 99")
-    raises(build(tmp_path / "row.gguf", tensors=[("w", (16,), 8, b"\0" * 34)]), r"tensor 'w'.*multiple of the Q8_0")
+    raises(build(tmp_path / "type.gguf", tensors=[("w", (32,), 99, b"\0" * 64)]),
+           r"tensor 'w'.*unknown ggml type 99")
+    raises(build(tmp_path / "row.gguf", tensors=[("w", (16,), 8, b"\0" * 34)]),
+           r"tensor 'w'.*multiple of the Q8_0")
 
 
 def test_llama_files_that_do_not_fit_the_model(tmp_path):
@@ -446,7 +457,8 @@ def test_llama_files_that_do_not_fit_the_model(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    raises(tmp_path / "extra.gguf", r"unexpected tensor 'rope_freqs.weight'", load_gguf_model)
+    raises(tmp_path / "extra.gguf", r"'rope_freqs.weight': Llama-3.1-style RoPE frequency factors are not "
+           r"supported.*Hugging Face folder", load_gguf_model)
     raises(build(tmp_path / "gpt2.gguf", kvs=[kv("general.architecture", 8, s("gpt2"))]), "only 'llama'",
            lambda p: gguf_config(read_gguf(p)))
 
@@ -475,8 +487,9 @@ def test_smollm2_config_and_weights_match_transformers(smollm2_pair):
     ours, ref, _ = smollm2_pair
     c, r = ours.config, ref.config
     assert c == c.smollm2_135m(rms_norm_eps=c.rms_norm_eps)  # the preset, bar eps's float32 rounding
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings"):
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                  "tie_word_embeddings"):
         assert getattr(c, field) == getattr(r, field), field
     assert c.rms_norm_eps == pytest.approx(r.rms_norm_eps) and c.rope_theta == r.rope_parameters["rope_theta"]
     assert ours.lm_head.weight is ours.model.embed_tokens.weight

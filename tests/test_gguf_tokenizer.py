@@ -6,10 +6,9 @@ import math
 import pytest
 from conftest import ggml_vocab_cases, shared_data_dir
 
-from llm2vec_mini.convert.gguf import read_gguf
+from llm2vec_mini.convert.gguf import load_gguf_tokenizer, read_gguf
 from llm2vec_mini.convert.gguf_tokenizer import tokenizer_from_gguf
 from llm2vec_mini.errors import CheckpointError
-from llm2vec_mini.tokenizer import Tokenizer
 
 LLAMA_SPM, GPT2 = "ggml-vocab-llama-spm.gguf", "ggml-vocab-gpt-2.gguf"
 
@@ -32,7 +31,7 @@ def vocab_gguf():
 
 @pytest.mark.parametrize("name", [LLAMA_SPM, GPT2])
 def test_matches_llama_cpp_vectors(vocab_gguf, name):
-    tok = Tokenizer.from_gguf(vocab_gguf(name))
+    tok = load_gguf_tokenizer(vocab_gguf(name))
     cases = ggml_vocab_cases(name)
     assert len(cases) == 46
     for text, expected in cases:
@@ -49,21 +48,21 @@ def test_matches_llama_cpp_vectors(vocab_gguf, name):
 
 @pytest.mark.parametrize("name", [LLAMA_SPM, GPT2])
 def test_decode_inverts_encode_on_vectors(vocab_gguf, name):
-    tok = Tokenizer.from_gguf(vocab_gguf(name))
+    tok = load_gguf_tokenizer(vocab_gguf(name))
     for text, _ in ggml_vocab_cases(name):
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text, repr(text)
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == text, repr(text)
 
 
 def test_specials_and_ids(vocab_gguf):
-    llama = Tokenizer.from_gguf(vocab_gguf(LLAMA_SPM))
+    llama = load_gguf_tokenizer(vocab_gguf(LLAMA_SPM))
     assert (llama.bos_id, llama.eos_id, llama.pad_id, llama.vocab_size) == (1, 2, None, 32000)
     assert llama.id_to_token(13) == "<0x0A>" and llama.token_to_id("▁Hello") == 15043
     # A control token in the text stays whole; a character outside the vocabulary becomes its bytes.
     assert llama.encode("a</s>", add_special_tokens=False) == [263, 2]
     assert llama.encode("\u2603", add_special_tokens=False) == [29871, 0xE2 + 3, 0x98 + 3, 0x83 + 3]
     assert llama.decode([29871, 0xE2 + 3, 0x98 + 3, 0x83 + 3]) == "\u2603"
-    gpt2 = Tokenizer.from_gguf(vocab_gguf(GPT2))
+    gpt2 = load_gguf_tokenizer(vocab_gguf(GPT2))
     assert (gpt2.bos_id, gpt2.eos_id, gpt2.vocab_size) == (50256, 50256, 50257)
     assert gpt2.encode("Hello<|endoftext|>") == [15496, 50256]
     assert gpt2.decode([15496, 50256], skip_special_tokens=True) == "Hello"
@@ -115,7 +114,7 @@ def test_spm_merge_order_matches_reference_on_stsb(vocab_gguf, sts_dev_texts):
     piece_id = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == 1}
     score = {t: scores[i] for t, i in piece_id.items()}
     byte_id = {b: tokens.index(f"<0x{b:02X}>") for b in range(256)}
-    tok = Tokenizer.from_gguf(vocab_gguf(LLAMA_SPM))
+    tok = load_gguf_tokenizer(vocab_gguf(LLAMA_SPM))
     texts = sts_dev_texts + ["naïve café ☃ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "  two  spaces ", "x\ty\nz"]
     ours = tok.encode_batch(texts, add_special_tokens=False)
     for text, ids in zip(texts, ours):
@@ -134,7 +133,7 @@ def smollm2(smollm2_gguf):
     transformers = pytest.importorskip("transformers")
     ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(smollm2_gguf.parent),
                                                                 gguf_file=smollm2_gguf.name)
-    return Tokenizer.from_gguf(read_gguf(smollm2_gguf)), ref
+    return load_gguf_tokenizer(read_gguf(smollm2_gguf)), ref
 
 
 def test_smollm2_matches_transformers_on_stsb(smollm2, sts_dev_texts):
@@ -155,7 +154,7 @@ def test_gpt2_decode_inverts_encode_on_stsb(which, request, vocab_gguf, sts_dev_
     if which == "smollm2":
         tok = request.getfixturevalue("smollm2")[0]
     else:
-        tok = Tokenizer.from_gguf(vocab_gguf(GPT2))
+        tok = load_gguf_tokenizer(vocab_gguf(GPT2))
     for text, ids in zip(sts_dev_texts, tok.encode_batch(sts_dev_texts)):
         assert tok.decode(ids) == text
 

@@ -283,7 +283,6 @@ def test_tensor_stored_twice(tmp_path):
 def test_gguf_paths_are_delegated(tmp_path, monkeypatch):
     """A `.gguf` file goes to convert.gguf.load_gguf with the dtype; nothing else reads it."""
     from llm2vec_mini import LlamaConfig, LlamaForCausalLM
-    from llm2vec_mini.convert import gguf
 
     calls = []
     sentinel_tokenizer = object()
@@ -292,7 +291,7 @@ def test_gguf_paths_are_delegated(tmp_path, monkeypatch):
         calls.append((str(path), dtype))
         return LlamaForCausalLM(LlamaConfig.tiny()).to(dtype), sentinel_tokenizer
 
-    monkeypatch.setattr(gguf, "load_gguf", fake_load_gguf)
+    monkeypatch.setattr(hf, "load_gguf", fake_load_gguf)
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF")
     model, tok = hf.load_pretrained(path, dtype=torch.bfloat16)

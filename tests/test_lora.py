@@ -8,8 +8,16 @@ import torch
 import transformers
 
 from llm2vec_mini import ConfigError, LlamaConfig, LlamaForCausalLM
-from llm2vec_mini.lora import (LLM2VEC_TARGETS, LoRALinear, add_lora, load_adapter, lora_layers,
-                               merge_and_unload, merge_lora, save_adapter, unmerge_lora)
+from llm2vec_mini.convert.peft import load_adapter, save_adapter
+from llm2vec_mini.lora import (
+    LLM2VEC_TARGETS,
+    LoRALinear,
+    add_lora,
+    lora_layers,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
 
 
 def tiny_pair(seed=0):
@@ -95,6 +103,54 @@ def test_peft_adapter_loads_in_ours_unmerged_with_the_same_outputs(tmp_path):
         torch.testing.assert_close(ours(ids), wrapped.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_load_adapter_honours_rank_and_alpha_patterns(tmp_path):
+    """Per-module r and alpha (PEFT's rank_pattern / alpha_pattern) give each layer its own shape and
+    scale; the logits equal peft's, unmerged."""
+    ref, ours = tiny_pair(seed=8)
+    config = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0,
+                             target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3.0})
+    wrapped = peft.get_peft_model(ref, config)
+    torch.manual_seed(9)
+    for name, p in wrapped.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    wrapped.save_pretrained(tmp_path / "peft")
+    load_adapter(ours, tmp_path / "peft")
+    layers = lora_layers(ours)
+    assert (layers["layers.1.self_attn.q_proj"].r, layers["layers.0.self_attn.q_proj"].r) == (2, 4)
+    assert layers["layers.0.mlp.down_proj"].scaling == 3.0 / 4  # alpha_pattern's alpha over r
+    assert layers["layers.0.self_attn.v_proj"].scaling == 16 / 4
+    ids = torch.randint(3, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), wrapped.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_no_base_weight_is_allocated_or_initialised_twice(monkeypatch):
+    """A LoRA layer shares its base weight, and merge_and_unload hands the merged weight back: neither
+    draws a throw-away (out, in) matrix (1.2 billion random numbers for Sheared-LLaMA)."""
+    _, ours = tiny_pair()
+    base_shapes = {tuple(p.shape) for n, p in ours.named_parameters() if n.endswith("proj.weight")}
+    initialised = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def record(tensor, *args, **kwargs):
+        if tensor.device.type != "meta":
+            initialised.append(tuple(tensor.shape))
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", record)
+    weights = [p for n, p in ours.named_parameters() if n.endswith("proj.weight")]
+    add_lora(ours, r=2, alpha=4)
+    assert initialised and not base_shapes & set(initialised)  # only the (r, in) lora_A matrices
+    assert all(any(w is p for p in ours.parameters()) for w in weights)  # the same tensors, shared
+    initialised.clear()
+    merge_and_unload(ours)
+    assert not initialised
+    after = [p for n, p in ours.named_parameters() if n.endswith("proj.weight")]
+    assert len(after) == len(weights) and all(a is w for a, w in zip(after, weights))
+
+
 def test_merge_and_unload_leaves_plain_linears_with_the_merged_function():
     _, ours = tiny_pair(seed=6)
     add_lora(ours, r=2, alpha=4, dropout=0.0)
@@ -115,6 +171,6 @@ def test_bad_lora_settings_are_config_errors():
     with pytest.raises(ConfigError, match="lm_head"):
         add_lora(ours, targets=["lm_head"])
     with pytest.raises(ConfigError, match="r must be"):
-        LoRALinear(4, 4, r=0, alpha=1)
+        LoRALinear(torch.zeros(4, 4), r=0, alpha=1)
     with pytest.raises(ConfigError, match="no LoRA layers"):
         save_adapter(LlamaForCausalLM(LlamaConfig.tiny()), "/tmp/never-written")

@@ -8,8 +8,14 @@ import transformers
 from transformers.models.llama import modeling_llama as hf_llama
 
 from llm2vec_mini import LlamaConfig, LlamaForCausalLM, LlamaModel
-from llm2vec_mini.model import (LlamaAttention, RMSNorm, apply_rope, build_attention_mask,
-                                rope_cos_sin, rope_inv_freq)
+from llm2vec_mini.model import (
+    LlamaAttention,
+    RMSNorm,
+    apply_rope,
+    build_attention_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}
@@ -326,6 +332,8 @@ def test_parameter_counts_equal_transformers_on_meta(preset):
     with torch.device("meta"):
         ours = LlamaForCausalLM(cfg)
         ref = transformers.LlamaForCausalLM(hf_config(cfg))
-    count = lambda m: sum(p.numel() for p in m.parameters())  # parameters() counts a tied one once
+
+    def count(m):  # parameters() counts a tied one once
+        return sum(p.numel() for p in m.parameters())
     assert count(ours) == count(ref)
     assert set(ours.state_dict()) == set(ref.state_dict())

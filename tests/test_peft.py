@@ -8,12 +8,13 @@ import torch
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file as st_load, save_file as st_save  # noqa: E402
+from safetensors.torch import load_file as st_load  # noqa: E402
+from safetensors.torch import save_file as st_save  # noqa: E402
+from test_hf import input_ids, tiny_hf_model, write_tokenizer  # noqa: E402
 
 from llm2vec_mini.convert.hf import load_hf_model, load_pretrained  # noqa: E402
 from llm2vec_mini.convert.peft import merge_adapter, module_scale, read_adapter  # noqa: E402
 from llm2vec_mini.errors import CheckpointError  # noqa: E402
-from test_hf import input_ids, tiny_hf_model, write_tokenizer  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -8,13 +8,19 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import missing
+
 from llm2vec_mini.config import LlamaConfig
 from llm2vec_mini.errors import ConfigError, DataError
 from llm2vec_mini.model import LlamaForCausalLM, LlamaModel
-from llm2vec_mini.probe import (align_words, extract_word_features, probe_accuracy, probe_main, run_probe,
-                                train_probe)
+from llm2vec_mini.probe import (
+    align_words,
+    extract_word_features,
+    probe_accuracy,
+    probe_main,
+    run_probe,
+    train_probe,
+)
 
 TAGS = ["NOUN", "VERB", "ADJ", "DET", "PUNCT"]
 
@@ -85,7 +91,9 @@ def test_alignment_of_multi_token_words_counted_by_hand():
 
 def test_offsets_alignment_agrees_with_transformers_word_ids_and_with_prefixes():
     transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as TK
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
     from llm2vec_mini.tokenizer import Tokenizer
 
     corpus = ["the cat sat on the mat in 1999", "a dog ran 42 times round the garden",
@@ -118,15 +126,15 @@ def test_offsets_alignment_agrees_with_transformers_word_ids_and_with_prefixes()
 
 
 def test_alignment_on_ud_ewt_with_the_llama2_vocabulary(data_dir):
+    from llm2vec_mini.convert.gguf import load_gguf_tokenizer
     from llm2vec_mini.data import read_conllu
-    from llm2vec_mini.tokenizer import Tokenizer
 
     vocab = data_dir / "tokenizers" / "ggml-vocab-llama-spm.gguf"
     conllu = data_dir / "ud_english_ewt" / "en_ewt-ud-dev.conllu"
     for path in (vocab, conllu):
         if not path.is_file():
             missing(f"{path} not found")
-    tok = Tokenizer.from_gguf(vocab)
+    tok = load_gguf_tokenizer(vocab)
     sentences = read_conllu(conllu)[:300]
     for words, _ in sentences:
         ids, starts = align_words(tok, words)
@@ -221,7 +229,8 @@ def test_train_probe_matches_scipy_on_the_same_objective():
     res = minimize(objective, np.zeros(C * H + C), jac=True, method="L-BFGS-B",
                    options=dict(gtol=1e-10, maxiter=5000))
     W_ref = res.x[:C * H].reshape(C, H)
-    torch.testing.assert_close(probe.linear.weight.detach().double(), torch.from_numpy(W_ref), rtol=0, atol=2e-3)
+    torch.testing.assert_close(probe.linear.weight.detach().double(), torch.from_numpy(W_ref),
+                               rtol=0, atol=2e-3)
     with torch.no_grad():
         p_ours = torch.softmax(probe(torch.from_numpy(X).float()).double(), -1)
     logits_ref = Z @ W_ref.T + res.x[C * H:]
@@ -295,7 +304,9 @@ def test_bad_input_raises_typed_errors(tmp_path, synthetic):
         extract_word_features(model, ChunkTokenizer(words), [words], max_length=3)
     with pytest.raises(DataError, match="word 1 is empty"):
         extract_word_features(model, ChunkTokenizer(words), [[words[0], ""]])
-    from tokenizers import Tokenizer as TK, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as TK
+    from tokenizers import models, normalizers, pre_tokenizers
+
     from llm2vec_mini.tokenizer import Tokenizer
     tk = TK(models.WordLevel({"<unk>": 0, "a": 1, "b": 2, "<s>": 3}, unk_token="<unk>"))
     tk.normalizer, tk.pre_tokenizer = normalizers.Replace("#", ""), pre_tokenizers.WhitespaceSplit()
@@ -311,7 +322,8 @@ def test_bad_input_raises_typed_errors(tmp_path, synthetic):
     with pytest.raises(DataError, match="labels must lie"):
         train_probe(np.zeros((4, 3), np.float32), np.array([0, 1, 2, 3]), 3)
     # a bare LlamaModel is accepted as well as a LlamaForCausalLM
-    assert extract_word_features(LlamaModel(LlamaConfig.tiny()), ChunkTokenizer(words), [words]).shape == (3, 64)
+    features = extract_word_features(LlamaModel(LlamaConfig.tiny()), ChunkTokenizer(words), [words])
+    assert features.shape == (3, 64)
 
 
 def test_eval_probe_command_prints_the_result(synthetic, tiny_llama_dir, capsys):

@@ -16,7 +16,8 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 
 from llm2vec_mini.config import LlamaConfig
-from llm2vec_mini.convert.gguf import read_gguf
+from llm2vec_mini.convert.gguf import load_gguf_tokenizer, read_gguf
+from llm2vec_mini.convert.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from llm2vec_mini.errors import CheckpointError, ConfigError, DataError
 from llm2vec_mini.tokenizer import Tokenizer
 
@@ -103,7 +104,7 @@ def sts_texts(sts_dev_texts):
 def assert_same_as_transformers(folder, texts):
     """`Tokenizer.from_dir` and `AutoTokenizer` on one folder give the same ids, with and without
     special tokens; returns our tokenizer and our ids with special tokens."""
-    ours = Tokenizer.from_dir(folder)
+    ours = load_hf_tokenizer(folder)
     ref = transformers.AutoTokenizer.from_pretrained(str(folder))
     for special in (False, True):
         ids = ours.encode_batch(texts, add_special_tokens=special)
@@ -127,7 +128,7 @@ def test_llama2_folder_keeps_sentencepiece_spaces(llama2_dirs):
     llama.cpp's vectors, with BOS. (transformers 5 rebuilds a "LlamaTokenizer" folder with Metaspace,
     which drops one "▁" there; the generic folder below shows it agrees with the file itself.)"""
     llama, _ = llama2_dirs
-    tok = Tokenizer.from_dir(llama)
+    tok = load_hf_tokenizer(llama)
     for text, ids in ggml_vocab_cases(LLAMA_SPM):
         assert tok.encode(text) == [1] + ids, repr(text)
 
@@ -143,7 +144,8 @@ def test_gpt2_folder_matches_transformers(tmp_path, sts_texts):
     folder = write_folder(tmp_path, byte_level_tokenizer_json(meta), config)
     texts = sts_texts + [t for t, _ in ggml_vocab_cases(GPT2)] + SPECIAL_TEXTS
     tok, ids = assert_same_as_transformers(folder, texts)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.add_eos) == (50256, 50256, None, False, False)
+    specials = (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.add_eos)
+    assert specials == (50256, 50256, None, False, False)
     assert ids[-5] == [50256, 437]  # "<|endoftext|>end": the special token stays whole
 
 
@@ -163,7 +165,7 @@ def test_config_flag_disagreeing_with_post_processor_warns(tmp_path, llama2_json
     folder = write_folder(tmp_path, llama2_json, {**LLAMA2_CONFIG, "add_bos_token": False,
                                                   "tokenizer_class": "PreTrainedTokenizerFast"})
     with pytest.warns(UserWarning, match="add_bos_token is False"):
-        tok = Tokenizer.from_dir(folder)
+        tok = load_hf_tokenizer(folder)
     ref = transformers.AutoTokenizer.from_pretrained(str(folder))
     assert tok.encode("Hello world") == ref("Hello world")["input_ids"] == [1, 15043, 3186]
 
@@ -174,11 +176,11 @@ def test_config_flag_disagreeing_with_post_processor_warns(tmp_path, llama2_json
 
 @pytest.mark.parametrize("name", [LLAMA_SPM, GPT2])
 def test_save_round_trip_through_transformers(tmp_path, name):
-    tok = Tokenizer.from_gguf(shared_data_dir() / "tokenizers" / name)
+    tok = load_gguf_tokenizer(shared_data_dir() / "tokenizers" / name)
     if name == GPT2:  # ask for EOS too: the saved post-processor must add it
         tok = Tokenizer(tok.tokenizer, bos_id=tok.bos_id, eos_id=tok.eos_id, add_bos=False, add_eos=True)
-    tok.save(tmp_path)
-    again = Tokenizer.from_dir(tmp_path)
+    save_hf_tokenizer(tok, tmp_path)
+    again = load_hf_tokenizer(tmp_path)
     assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos, again.add_eos) == \
         (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.add_eos)
     texts = [t for t, _ in ggml_vocab_cases(name)] + SPECIAL_TEXTS
@@ -200,13 +202,13 @@ def tiny_tokenizer():
 def test_ids_fall_back_to_llama_config(tmp_path):
     tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
     config = LlamaConfig.tiny(vocab_size=5, bos_token_id=0, eos_token_id=1, pad_token_id=None)
-    tok = Tokenizer.from_dir(tmp_path, config=config)
+    tok = load_hf_tokenizer(tmp_path, config=config)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.add_eos) == (0, 1, None, False, False)
     assert tok.encode("ab a") == [4, 2]
     # Files win over the config; special_tokens_map.json over tokenizer_config.json.
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "a", "eos_token": added("b")}))
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "ab"}}))
-    tok = Tokenizer.from_dir(tmp_path, config=config)
+    tok = load_hf_tokenizer(tmp_path, config=config)
     assert (tok.bos_id, tok.eos_id) == (4, 3)
 
 
@@ -243,7 +245,7 @@ def test_bad_arguments_raise_typed_errors(call, error, match):
     ({"tokenizer.model": b"\x00"}, "tokenizer.model"),
     ({"tokenizer.json": b"{not json"}, "not a valid tokenizer.json"),
     ({"tokenizer.json": None, "tokenizer_config.json": b"[1, 2]"}, "JSON object"),
-    ({"tokenizer.json": None, "tokenizer_config.json": b"{"}, "cannot read JSON"),
+    ({"tokenizer.json": None, "tokenizer_config.json": b"{"}, "not a valid JSON"),
     ({"tokenizer.json": None, "tokenizer_config.json": b'{"bos_token": 5}'}, "bos_token must be"),
     ({"tokenizer.json": None, "special_tokens_map.json": b'{"eos_token": "<nope>"}'}, "'<nope>' is not in"),
     ({"tokenizer.json": None, "tokenizer_config.json": b'{"add_bos_token": "yes"}'}, "add_bos_token"),
@@ -255,13 +257,13 @@ def test_bad_folders_raise_checkpoint_errors_naming_the_file(tmp_path, files, ma
         else:
             (tmp_path / name).write_bytes(content)
     with pytest.raises(CheckpointError, match=match) as e:
-        Tokenizer.from_dir(tmp_path)
+        load_hf_tokenizer(tmp_path)
     assert str(tmp_path) in str(e.value)
 
 
 def test_missing_folder_and_gguf_object(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        Tokenizer.from_dir(tmp_path / "absent")
+        load_hf_tokenizer(tmp_path / "absent")
     fake = types.SimpleNamespace(path="fake.gguf", metadata={"tokenizer.ggml.model": "bert"})
     with pytest.raises(CheckpointError, match="fake.gguf.*unsupported tokenizer model"):
-        Tokenizer.from_gguf(fake)
+        load_gguf_tokenizer(fake)

@@ -1,5 +1,6 @@
 """The trainer: bit-identical resume, DDP equivalence, and a clear stop on a non-finite loss."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,8 +13,9 @@ import torch
 from llm2vec_mini import ConfigError, LlamaConfig, LlamaForCausalLM, TrainingError
 from llm2vec_mini.convert.safetensors import load_file
 from llm2vec_mini.lora import add_lora
-from llm2vec_mini.mntp import MNTPCollator
-from llm2vec_mini.train import MNTPTask, SimCSETask, TrainConfig, latest_checkpoint, train
+from llm2vec_mini.mntp import MNTPCollator, MNTPTask
+from llm2vec_mini.simcse import SimCSETask
+from llm2vec_mini.train import TrainConfig, latest_checkpoint, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,6 +51,10 @@ def simcse_task(seed=0):
 
 def adapter(path):
     return load_file(Path(path) / "adapter_model.safetensors")
+
+
+def metrics(path):
+    return [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("make", [mntp_task, simcse_task])
@@ -104,7 +110,8 @@ def test_a_fresh_run_drops_old_checkpoints(tmp_path):
     cfg = dict(steps=4, batch_size=2, checkpoint_every=1, progress=False)
     train(mntp_task(), TrainConfig(**cfg), tmp_path, stop_after=3)
     assert latest_checkpoint(tmp_path).name == "checkpoint-3"
-    train(mntp_task(), TrainConfig(**dict(cfg, steps=2)), tmp_path)  # a new, shorter run, same folder
+    # a new, shorter run, same folder
+    train(mntp_task(), TrainConfig(**dict(cfg, steps=2)), tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -144,6 +151,7 @@ def run_group(cmd, env, timeout=300):
 
 @pytest.mark.parametrize("task", ["mntp", "simcse"])
 def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, task):
+    """The same adapter, and the same logged losses: the global batch's loss, not rank 0's share."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
     worker = str(HERE / "ddp_worker.py")
     rc, err = run_group([sys.executable, worker, task, "8", str(tmp_path / "one")], env)
@@ -156,6 +164,9 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, ta
     assert moved > 1e-3  # the steps were real
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    one, two = (metrics(tmp_path / d) for d in ("one", "two"))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
+                               rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "eos_token", "last_token"])
@@ -165,7 +176,7 @@ def test_simcse_reads_a_sentence_as_encode_does(tiny_llama_dir, pooling):
     tests/reference/), else the text alone."""
     from llm2vec_mini.convert.hf import load_pretrained
     from llm2vec_mini.encoder import LLM2Vec
-    from llm2vec_mini.recipes import simcse_task as make_simcse_task
+    from llm2vec_mini.simcse import simcse_task as make_simcse_task
 
     model, tok = load_pretrained(tiny_llama_dir)
     texts = ["A man is playing a guitar.", "Stocks fell sharply on Monday."]
@@ -173,3 +184,80 @@ def test_simcse_reads_a_sentence_as_encode_does(tiny_llama_dir, pooling):
     enc = LLM2Vec(model, tok, pooling=pooling, device="cpu")
     assert task.sentences == [ids for ids, _ in enc.prepare(texts)]
     assert (task.sentences[0][-1] == tok.eos_id) == (pooling == "eos_token")
+
+
+# -------------------------------------------------------------------------------------------------
+# An earlier run in the output folder is never deleted unasked
+
+def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path):
+    cfg = TrainConfig(steps=3, batch_size=2, checkpoint_every=1, progress=False)
+    train(mntp_task(), cfg, tmp_path / "stopped", stop_after=2)  # checkpoints 1 and 2, no adapter
+    train(mntp_task(), TrainConfig(steps=2, batch_size=2, progress=False), tmp_path / "finished")
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    for folder, resume in (("stopped", False), ("finished", False), ("finished", True)):
+        # a finished run without checkpoints has nothing to resume from either
+        with pytest.raises(ConfigError, match="--resume .* --overwrite") as e:
+            train(mntp_task(), cfg, tmp_path / folder, resume=resume)
+        assert str(tmp_path / folder) in str(e.value) and "metrics.jsonl" in str(e.value)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing touched
+    train(mntp_task(), cfg, tmp_path / "stopped", resume=True)  # what --resume is for
+    train(mntp_task(), cfg, tmp_path / "finished", overwrite=True)
+    assert len(metrics(tmp_path / "finished")) == len(metrics(tmp_path / "stopped")) == 3
+
+
+def test_the_cli_refuses_an_earlier_run_before_any_work(tmp_path, tiny_llama_dir, capsys):
+    from llm2vec_mini.cli import main
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat.\nA dog ran in the park.\n" * 20)
+    out = tmp_path / "adapter"
+    args = ["train-mntp", "--model", str(tiny_llama_dir), "--data", str(text), "--output", str(out),
+            "--steps", "1", "--batch-size", "2", "--block-size", "16", "--device", "cpu"]
+    assert main(args) == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert main(args + ["--overwrite", "--seed", "7"]) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+
+
+# -------------------------------------------------------------------------------------------------
+# Every random draw has its own seed: no two (step, micro-batch) pairs share one
+
+class _DrawRecorder(torch.nn.Module):
+    """A task whose loss records one draw of the global generator (what dropout draws from) and the
+    batch generator it was given (what masking draws from)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = add_lora(LlamaForCausalLM(LlamaConfig.tiny(num_hidden_layers=1)), r=1, alpha=1)
+        self.dropout_draws, self.batch_draws = [], []
+
+    def __len__(self):
+        return 1000
+
+    def make_batch(self, indices, generator):
+        self.batch_draws.append(torch.rand(1, generator=generator).item())
+        return (torch.tensor(indices),)
+
+    def forward(self, batch):
+        self.dropout_draws.append(torch.rand(1).item())
+        return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0
+
+
+@pytest.mark.parametrize("grad_accum", [32, 40])
+def test_no_two_micro_batches_share_a_seed(tmp_path, grad_accum):
+    """The old formulas (seed * 7919 + step * 31 + micro) gave step 0's micro-batch 31 and step 1's
+    micro-batch 0 the same dropout masks once grad_accum exceeded 31."""
+    task = _DrawRecorder()
+    train(task, TrainConfig(steps=2, batch_size=grad_accum, grad_accum=grad_accum, progress=False), tmp_path)
+    assert len(task.dropout_draws) == len(task.batch_draws) == 2 * grad_accum
+    assert len(set(task.dropout_draws)) == 2 * grad_accum
+    assert len(set(task.batch_draws)) == 2 * grad_accum
+
+
+def test_seeds_differ_between_runs_and_purposes():
+    from llm2vec_mini.util import derive_seed
+    seeds = {derive_seed(purpose, seed, step, micro) for purpose in ("batch", "dropout", "order")
+             for seed in range(4) for step in range(50) for micro in range(50)}
+    assert len(seeds) == 3 * 4 * 50 * 50

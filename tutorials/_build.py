@@ -74,9 +74,17 @@ import torch
 from torch.testing import assert_close
 
 from llm2vec_mini import LlamaConfig, LlamaForCausalLM
-from llm2vec_mini.model import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaModel, RMSNorm,
-                                apply_rope, build_attention_mask, rope_cos_sin, rope_inv_freq,
-                                rotate_half)
+from llm2vec_mini.model import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    RMSNorm,
+    apply_rope,
+    build_attention_mask,
+    rope_cos_sin,
+    rope_inv_freq,
+    rotate_half,
+)
 
 torch.manual_seed(0)
 config = LlamaConfig.tiny()

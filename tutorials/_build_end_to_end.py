@@ -55,6 +55,7 @@ nearest-neighbour search you can edit.
   (`../../shared/data` or `$LLM2VEC_MINI_DATA`), and takes 10 to 20 minutes on two CPU cores.
 """),
 code(r"""
+import copy
 import json
 import math
 import os
@@ -71,13 +72,20 @@ from torch.testing import assert_close
 
 from llm2vec_mini import LLM2Vec, load_pretrained
 from llm2vec_mini.convert.peft import merge_adapter
-from llm2vec_mini.demo import (PAPER_MTEB15, STAGES, Recipe, find_data_dir, load_demo_data, tiny_model,
-                               write_outputs)
+from llm2vec_mini.demo import (
+    PAPER_MTEB15,
+    STAGES,
+    Recipe,
+    find_data_dir,
+    load_demo_data,
+    tiny_model,
+    write_outputs,
+)
 from llm2vec_mini.evaluate import evaluate_sts
 from llm2vec_mini.hub import smollm2_path
 from llm2vec_mini.lora import add_lora, lora_layers, merge_and_unload
-from llm2vec_mini.recipes import mntp_task, set_attention_dropout, simcse_task
-from llm2vec_mini.train import TrainConfig, train
+from llm2vec_mini.mntp import mntp_task
+from llm2vec_mini.recipes import LoRASettings, MNTPSettings, SimCSESettings, mntp_stage, simcse_stage
 
 REAL = os.environ.get("LLM2VEC_MINI_REAL") == "1"  # the one switch for the heavy path
 
@@ -238,17 +246,8 @@ the first; and so is the loss on one fixed masked batch, measured before and aft
 """),
 code(r"""
 t0 = time.perf_counter()
-model.set_causal(False)
-add_lora(model, r=RECIPE.lora_r, alpha=RECIPE.lora_alpha, dropout=0.05)
-
-cfg, r = model.config, RECIPE.lora_r
-h_, m_ = cfg.hidden_size, cfg.intermediate_size
-q_, kv_ = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-per_layer = r * ((h_ + q_) + 2 * (h_ + kv_) + (q_ + h_) + 2 * (h_ + m_) + (m_ + h_))  # q, k v, o, gate up, down
-trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-print(f"trainable: {trainable:,} of {n_params:,} parameters ({100 * trainable / n_params:.2f} %)")
-assert trainable == cfg.num_hidden_layers * per_layer
-
+LORA = LoRASettings(r=RECIPE.lora_r, alpha=RECIPE.lora_alpha, dropout=0.05)
+# one fixed masked batch, to measure the MNTP loss before and after training (with dropout off)
 task = mntp_task(model, tokenizer, PARAGRAPHS, block_size=RECIPE.mntp_block)
 fixed = task.make_batch(list(range(min(8, len(task)))), torch.Generator().manual_seed(0))
 
@@ -259,13 +258,23 @@ def fixed_batch_loss():
         return float(task(fixed))
 
 
+model.set_causal(False)
 mntp_before = fixed_batch_loss()
 print(f"MNTP: {RECIPE.mntp_steps} steps of {RECIPE.mntp_batch} blocks x {RECIPE.mntp_block} tokens "
       f"({len(task)} blocks), lr {RECIPE.mntp_lr}")
-train(task, TrainConfig(steps=RECIPE.mntp_steps, batch_size=RECIPE.mntp_batch, lr=RECIPE.mntp_lr,
-                        warmup_steps=max(1, RECIPE.mntp_steps // 10), progress=False),
-      OUT / "mntp", on_step=report_every(max(1, RECIPE.mntp_steps // 5)))
+# the demo's stage (recipes.mntp_stage): bidirectional, a fresh LoRA adapter, MNTP training
+mntp_stage(model, tokenizer, PARAGRAPHS, replace(RECIPE.mntp_config(seed=42, device="cpu"), progress=False),
+           OUT / "mntp", MNTPSettings(block_size=RECIPE.mntp_block), LORA,
+           on_step=report_every(max(1, RECIPE.mntp_steps // 5)))
 mntp_after = fixed_batch_loss()
+
+cfg, r = model.config, RECIPE.lora_r
+h_, m_ = cfg.hidden_size, cfg.intermediate_size
+q_, kv_ = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+per_layer = r * ((h_ + q_) + 2 * (h_ + kv_) + (q_ + h_) + 2 * (h_ + m_) + (m_ + h_))  # q, k v, o, gate up, down
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print(f"trainable: {trainable:,} of {n_params:,} parameters ({100 * trainable / n_params:.2f} %)")
+assert trainable == cfg.num_hidden_layers * per_layer
 mntp_log = read_log(OUT / "mntp")
 print(f"fixed batch: {mntp_before:.3f} -> {mntp_after:.3f} nats; logged: step 1 {mntp_log[0]['loss']:.3f}"
       f" -> step {mntp_log[-1]['step']} {mntp_log[-1]['loss']:.3f}")
@@ -310,18 +319,17 @@ assert not lora_layers(model)
 merged = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu").encode(PROBE)
 assert cosine_rows(merged, EMB["Bi + MNTP"]).min() > 1 - 1e-5  # merging changes nothing
 
-set_attention_dropout(model, 0.3)
-add_lora(model, r=RECIPE.lora_r, alpha=RECIPE.lora_alpha, dropout=0.05)
-fresh = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu").encode(PROBE)
+fresh = LLM2Vec(add_lora(copy.deepcopy(model), r=RECIPE.lora_r), tokenizer, pooling="mean",
+                bidirectional=True, device="cpu").encode(PROBE)
 assert np.array_equal(fresh, merged)  # B = 0 and eval mode (no dropout): a fresh adapter is a no-op
 
-task = simcse_task(model, tokenizer, SIMCSE_SENTENCES, max_length=RECIPE.simcse_max_length)
 print(f"SimCSE: {RECIPE.simcse_steps} steps of {RECIPE.simcse_batch} sentences (<= "
-      f"{RECIPE.simcse_max_length} tokens, {len(task)} sentences), lr {RECIPE.simcse_lr}")
-train(task, TrainConfig(steps=RECIPE.simcse_steps, batch_size=RECIPE.simcse_batch, lr=RECIPE.simcse_lr,
-                        warmup_steps=max(1, RECIPE.simcse_steps // 10), progress=False),
-      OUT / "simcse", on_step=report_every(max(1, RECIPE.simcse_steps // 5)))
-set_attention_dropout(model, 0.0)
+      f"{RECIPE.simcse_max_length} tokens), lr {RECIPE.simcse_lr}, attention dropout 0.3")
+# the demo's stage (recipes.simcse_stage): attention dropout 0.3, a fresh LoRA adapter, SimCSE
+simcse_stage(model, tokenizer, SIMCSE_SENTENCES, replace(RECIPE.simcse_config(seed=42, device="cpu"),
+                                                         progress=False),
+             OUT / "simcse", SimCSESettings(max_length=RECIPE.simcse_max_length), LORA,
+             on_step=report_every(max(1, RECIPE.simcse_steps // 5)))
 simcse_log = read_log(OUT / "simcse")
 
 with torch.no_grad():
@@ -376,7 +384,7 @@ final = LLM2Vec(final_model, tokenizer, pooling="mean", bidirectional=True, devi
 from_disk = final.encode(PROBE)
 print("cosine, in-memory vs rebuilt from the adapters:", np.round(cosine_rows(from_disk, EMB["Bi + MNTP + SimCSE"]), 6))
 assert cosine_rows(from_disk, EMB["Bi + MNTP + SimCSE"]).min() > 1 - 1e-5
-del model, encoder, task  # the rebuilt `final` replaces them
+model = encoder = task = None  # the rebuilt `final` replaces them (and their memory is freed)
 """),
 md(r"""
 ## The ablation, beside the paper

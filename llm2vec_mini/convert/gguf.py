@@ -37,6 +37,9 @@ import torch
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import LlamaForCausalLM
+from ..tokenizer import Tokenizer
+from ..util import is_int
+from .gguf_tokenizer import tokenizer_from_gguf
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is long gone
@@ -218,7 +221,7 @@ def read_gguf(path: Union[str, os.PathLike]) -> GGUFFile:
         metadata[key] = cur.value(cur.scalar("I", f"type of {key!r}"), f"metadata {key!r}")
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
+    if not is_int(alignment) or alignment <= 0 \
             or alignment & (alignment - 1):
         raise CheckpointError(f"general.alignment must be a power of two, got {alignment!r}", path)
 
@@ -446,7 +449,8 @@ def gguf_config(gguf: GGUFFile) -> LlamaConfig:
     rope_dim = get("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise CheckpointError(f"llama.rope.dimension_count ({rope_dim}) differs from the head "
-                              f"dimension ({head_dim}): partial rotary embeddings are not supported", gguf.path)
+                              f"dimension ({head_dim}): partial rotary embeddings are not supported",
+                              gguf.path)
     vocab = get("vocab_size")
     if vocab is None and "tokenizer.ggml.tokens" in meta:
         vocab = len(meta["tokenizer.ggml.tokens"])
@@ -519,6 +523,11 @@ def load_gguf_model(path_or_file: Union[str, os.PathLike, GGUFFile],
     names = {}
     for gguf_name, info in gguf.tensors.items():
         ours = _rename(gguf_name, WEIGHT_MAP)
+        if gguf_name == "rope_freqs.weight":  # Llama 3.1 and later: per-frequency RoPE divisors
+            raise CheckpointError("tensor 'rope_freqs.weight': Llama-3.1-style RoPE frequency factors are "
+                                  "not supported in GGUF files (ignoring them would silently change the "
+                                  "model); load the model's Hugging Face folder instead, whose config.json "
+                                  "rope_scaling (rope_type llama3) is supported", gguf.path)
         if ours not in expected:
             raise CheckpointError(f"unexpected tensor {gguf_name!r} (not part of a Llama with this "
                                   f"config)", gguf.path)
@@ -547,8 +556,17 @@ def load_gguf_model(path_or_file: Union[str, os.PathLike, GGUFFile],
     return model.eval()
 
 
+def load_gguf_tokenizer(path_or_file: Union[str, os.PathLike, GGUFFile]) -> Tokenizer:
+    """The tokenizer a GGUF file's metadata describes (see `gguf_tokenizer.py`), as our Tokenizer.
+
+    path_or_file: a path, or a reader result with `.metadata` (and `.path`, named in errors).
+    """
+    gguf = path_or_file if hasattr(path_or_file, "metadata") else read_gguf(path_or_file)
+    tok, specials = tokenizer_from_gguf(gguf.metadata, path=getattr(gguf, "path", None))
+    return Tokenizer(tok, **specials)
+
+
 def load_gguf(path: Union[str, os.PathLike, GGUFFile], dtype: torch.dtype = torch.float32):
     """A GGUF Llama file -> (LlamaForCausalLM, Tokenizer); the tokenizer comes from the same metadata."""
-    from ..tokenizer import Tokenizer  # lazily: tokenizers is only needed here
     gguf = path if isinstance(path, GGUFFile) else read_gguf(path)
-    return load_gguf_model(gguf, dtype), Tokenizer.from_gguf(gguf)
+    return load_gguf_model(gguf, dtype), load_gguf_tokenizer(gguf)

@@ -40,6 +40,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from ..errors import CheckpointError
 from ..tokenizer import bos_eos_template
+from ..util import is_int
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -67,7 +68,7 @@ def _token_id(metadata: dict, key: str, n_tokens: int, path) -> Optional[int]:
     value = metadata.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not hasattr(value, "__index__"):  # ints, numpy ints; not floats
+    if not is_int(value):  # ints, numpy ints; not floats, not bools
         raise CheckpointError(f"{key} must be an integer token id, got {value!r}", path)
     value = int(value)
     if not 0 <= value < n_tokens:
@@ -114,7 +115,8 @@ def _llama_spm(tokens, scores, types, metadata, path) -> tokenizers.Tokenizer:
     missing_bytes = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
     if missing_bytes:
         raise CheckpointError(f"tokenizer.ggml.tokens lacks the byte-fallback tokens "
-                              f"{', '.join(missing_bytes[:4])}{' ...' if len(missing_bytes) > 4 else ''}", path)
+                              f"{', '.join(missing_bytes[:4])}{' ...' if len(missing_bytes) > 4 else ''}",
+                              path)
     unk_id = _token_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens), path)
     tok = tokenizers.Tokenizer(_bpe(path, vocab=vocab, merges=_spm_merges(tokens, scores, types),
                                     byte_fallback=True, fuse_unk=True,

@@ -33,10 +33,12 @@ from torch import nn
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import LlamaForCausalLM, rope_inv_freq
-from .safetensors import SafetensorsFile
+from ..util import PathLike, decoder_of, read_json
+from .gguf import load_gguf
+from .hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
+from .peft import merge_adapter
+from .safetensors import SafetensorsFile, save_file
 from .torch_bin import load_torch_bin
-
-PathLike = Union[str, os.PathLike]
 
 # In the order transformers looks for them.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
@@ -54,32 +56,40 @@ def load_pretrained(path: PathLike, adapters: Iterable[PathLike] = (), dtype: to
     adapters: PEFT LoRA adapter directories, merged into the weights in the given order (LLM2Vec's
     MNTP adapter, then its SimCSE adapter on top).
     """
-    from .peft import merge_adapter
-
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
+    adapters = list(adapters)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     path = Path(path)
-    if path.is_dir() and (path / "adapter_config.json").is_file() and \
-            not any((path / f).is_file() for f in WEIGHT_FILES):
+    seen = []
+    while is_adapter_folder(path):
         # an adapter folder given as the model (the Hub's LLM2Vec-*-mntp layout, which the official
         # library loads this way): its base model, with this adapter merged first
-        return load_pretrained(adapter_base(path), adapters=[path, *adapters], dtype=dtype, device=device)
+        if path.resolve() in seen:
+            chain = " -> ".join(str(p) for p in seen + [path.resolve()])
+            raise CheckpointError(f"adapter folders name each other as their base model: {chain}", path)
+        seen.append(path.resolve())
+        adapters.insert(0, path)
+        path = adapter_base(path)
     if path.is_file() and path.suffix == ".gguf":
-        from .gguf import load_gguf
         model, tokenizer = load_gguf(path, dtype=dtype)
         model.to(device)
     elif path.is_dir():
-        from ..tokenizer import Tokenizer  # lazily: tokenizers is only needed here
         config = read_config(path)
-        tokenizer = Tokenizer.from_dir(path, config)  # before the weights: a bad tokenizer fails fast
+        tokenizer = load_hf_tokenizer(path, config)  # before the weights: a bad tokenizer fails fast
         model = load_hf_model(path, config, dtype=dtype, device=device)
     else:
         raise CheckpointError("neither a Hugging Face model directory nor a .gguf file", path)
     for adapter in adapters:
         merge_adapter(model, adapter)
     return model, tokenizer
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """A folder with adapter_config.json and no model weights: an adapter, standing in for its base."""
+    return path.is_dir() and (path / "adapter_config.json").is_file() and \
+        not any((path / f).is_file() for f in WEIGHT_FILES)
 
 
 def adapter_base(adapter_dir: Path) -> Path:
@@ -207,17 +217,6 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
 
 
-def read_json(path: Path):
-    """A JSON file's content; CheckpointError naming the file if it is absent or not JSON."""
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError("file not found", path) from e
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"not a valid JSON file ({e})", path) from e
-
-
 def save_hf_dir(model: nn.Module, tokenizer, out_dir: PathLike, legacy_merges: bool = True) -> Path:
     """Write a Hugging Face directory: config.json, model.safetensors, tokenizer files.
 
@@ -225,11 +224,9 @@ def save_hf_dir(model: nn.Module, tokenizer, out_dir: PathLike, legacy_merges: b
     lm_head, so transformers loads it as a LlamaForCausalLM). `legacy_merges` writes BPE merges as
     "a b" strings, the form older `tokenizers` (and so transformers 4.x) can read.
     """
-    from .safetensors import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    decoder = getattr(model, "model", model)
+    decoder = decoder_of(model)
     config = decoder.config
     state = {f"model.{k}": v for k, v in decoder.state_dict().items()}
     lm_head = getattr(model, "lm_head", None)
@@ -255,14 +252,5 @@ def save_hf_metadata(config: LlamaConfig, tokenizer, out_dir: PathLike, legacy_m
     hf_config = config.replace(causal=True).to_hf_config()
     hf_config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    tokenizer.save(out)
-    if legacy_merges:
-        tok_file = out / "tokenizer.json"
-        data = json.loads(tok_file.read_text(encoding="utf-8"))
-        merges = data.get("model", {}).get("merges")
-        if merges and isinstance(merges[0], list):
-            if any(" " in a or " " in b for a, b in merges):
-                raise CheckpointError("a BPE merge contains a space; it cannot be written as 'a b'", tok_file)
-            data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
-            tok_file.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    save_hf_tokenizer(tokenizer, out, legacy_merges=legacy_merges)
     return out

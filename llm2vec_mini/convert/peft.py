@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters: read `adapter_config.json` + `adapter_model.*` and merge them into a model.
+"""PEFT LoRA adapters on disk: read, write, merge into a model, attach for training.
 
 A LoRA adapter stores, for each adapted linear layer W (out, in), two matrices A (r, in) and B (out, r).
 Merging folds the low-rank update into the weight (Hu et al., Eq. 3):
@@ -13,7 +13,10 @@ PEFT names each tensor after the module it adapts, inside the wrapped model:
     base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight    adapter on a LlamaForCausalLM
     base_model.model.layers.3.self_attn.q_proj.lora_B.weight          adapter on a bare LlamaModel (llm2vec)
 
-We accept both and name modules inside the decoder (`layers.3.self_attn.q_proj`), as `lora.py` does.
+We accept both and name modules inside the decoder (`layers.3.self_attn.q_proj`), as `lora.py` does;
+we write the second (what llm2vec saves). `save_adapter` writes adapter_config.json +
+adapter_model.safetensors; `load_adapter` attaches a saved adapter as trainable LoRA layers
+(`lora.LoRALinear`) instead of merging it.
 Options that change the math (DoRA, biases, fan_in_fan_out, extra trainable modules, ...) are refused
 by name rather than silently merged wrong. `rank_pattern`/`alpha_pattern` (per-module r and alpha,
 keyed by regexes matched against the end of the module name, as PEFT does) are supported.
@@ -27,21 +30,20 @@ References:
 
 from __future__ import annotations
 
-import os
+import json
 import re
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..lora import lora_scale
-from .hf import read_json
-from .safetensors import load_file
+from ..errors import CheckpointError, ConfigError
+from ..lora import LoRALinear, lora_layers, lora_scale
+from ..util import PathLike, decoder_of, is_int, is_number, read_json
+from .safetensors import load_file, save_file
 from .torch_bin import load_torch_bin
 
-PathLike = Union[str, os.PathLike]
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 # base_model.model.<module>.lora_A.weight, where <module> may start with "model." (CausalLM base)
@@ -156,7 +158,7 @@ def merge_adapter(model: nn.Module, adapter_dir: PathLike) -> nn.Module:
     """
     config, weights = read_adapter(adapter_dir)
     where = Path(adapter_dir)
-    decoder = getattr(model, "model", model)  # the LlamaModel inside a LlamaForCausalLM
+    decoder = decoder_of(model)  # the LlamaModel inside a LlamaForCausalLM
     linears = {name: m for name, m in decoder.named_modules()
                if isinstance(m, nn.Linear) and ".lora_" not in f".{name}"}
     expected = {name for name in linears if _targeted(config, peft_name(config, name))}
@@ -191,10 +193,15 @@ def _check_config(config, path: Path) -> dict:
         raise CheckpointError(f"peft_type: only 'LORA' adapters are supported, got "
                               f"{config.get('peft_type')!r}", path)
     r, alpha = config.get("r"), config.get("lora_alpha")
-    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+    if not (is_int(r) and r > 0):
         raise CheckpointError(f"r must be a positive integer, got {r!r}", path)
-    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
+    if not (is_number(alpha) and alpha > 0):
         raise CheckpointError(f"lora_alpha must be a positive number, got {alpha!r}", path)
+    dropout = config.get("lora_dropout") or 0.0
+    if not (is_number(dropout) and 0 <= dropout < 1):
+        raise CheckpointError(f"lora_dropout must be a number in [0, 1), got {config['lora_dropout']!r}",
+                              path)
+    config["lora_dropout"] = dropout
     if config.get("bias", "none") != "none":
         raise CheckpointError(f"bias: only 'none' is supported, got {config['bias']!r}", path)
     if not isinstance(config.get("use_rslora", False), bool):
@@ -215,7 +222,7 @@ def _check_config(config, path: Path) -> dict:
     for field in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(field) or {}
         if not isinstance(pattern, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in pattern.values()):
+                is_number(v) and v > 0 for v in pattern.values()):
             raise CheckpointError(f"{field} must map module patterns to positive numbers", path)
         for key in pattern:
             try:
@@ -236,7 +243,7 @@ def _pattern_value(patterns: dict, name: str, default):
 
 def _rank_and_alpha(config: dict, name: str, path=None) -> Tuple[int, float]:
     r = _pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-    if not (isinstance(r, int) and r > 0):
+    if not (is_int(r) and r > 0):
         raise CheckpointError(f"rank_pattern gives {name!r} a rank of {r!r}", path)
     return r, _pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
 
@@ -249,3 +256,93 @@ def _targeted(config: dict, name: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing an adapter, and attaching a saved one for training
+
+
+def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The LoRA tensors under PEFT's key names for a LlamaModel base (what llm2vec saves)."""
+    out = {}
+    for name, m in lora_layers(model).items():
+        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, out_dir: PathLike, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's format; returns the folder.
+
+    Every LoRA layer of the model must share r, alpha, dropout and use_rslora (as `add_lora` makes them).
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ConfigError("the model has no LoRA layers to save (call add_lora first)")
+    first = next(iter(layers.values()))
+    settings = {(m.r, m.alpha, m.lora_dropout.p, m.use_rslora) for m in layers.values()}
+    if len(settings) > 1:
+        raise ConfigError(f"the LoRA layers differ in (r, alpha, dropout, use_rslora): {sorted(settings)}; "
+                          f"save_adapter writes one setting for all")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.lora_dropout.p,
+        "use_rslora": first.use_rslora,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(lora_state_dict(model), out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out_dir
+
+
+def load_adapter(model: nn.Module, adapter_dir: PathLike, trainable: bool = True) -> nn.Module:
+    """Attach a saved PEFT adapter as LoRA layers (not merged), e.g. to continue training it.
+
+    Each module gets its own r and alpha where `rank_pattern`/`alpha_pattern` say so. Layers that are
+    already LoRA layers (a resumed run) get the saved values, if their r matches. Everything else in the
+    model is frozen, as `add_lora` leaves it.
+    """
+    config, weights = read_adapter(adapter_dir)
+    decoder = decoder_of(model)
+    modules = dict(decoder.named_modules())
+    unknown = sorted(set(weights) - set(modules))
+    if unknown:
+        raise CheckpointError(f"module {unknown[0]!r} of the adapter is not a layer of this model",
+                              adapter_dir)
+    if not lora_layers(model):  # a fresh attach freezes the base, as add_lora does
+        for p in model.parameters():
+            p.requires_grad_(False)
+    dropout = config["lora_dropout"]
+    rslora = bool(config.get("use_rslora", False))
+    with torch.no_grad():
+        for name, (a, b) in weights.items():
+            r, alpha = _rank_and_alpha(config, peft_name(config, name), adapter_dir)
+            layer = modules[name]
+            if not isinstance(layer, LoRALinear):
+                if type(layer) is not nn.Linear or tuple(layer.weight.shape) != (b.shape[0], a.shape[1]):
+                    raise CheckpointError(f"module {name!r}: lora_B @ lora_A is ({b.shape[0]}, "
+                                          f"{a.shape[1]}), which does not fit {layer}", adapter_dir)
+                parent_name, _, child = name.rpartition(".")
+                layer = LoRALinear.from_linear(layer, r, alpha, dropout, rslora)
+                setattr(decoder.get_submodule(parent_name), child, layer)
+            have = (tuple(layer.lora_A.weight.shape), tuple(layer.lora_B.weight.shape))
+            if have != (tuple(a.shape), tuple(b.shape)):  # LoRA layers already there, of another r
+                raise CheckpointError(f"{name}: the adapter's lora_A/lora_B are {tuple(a.shape)} and "
+                                      f"{tuple(b.shape)}, the model's LoRA layer has {have[0]} and "
+                                      f"{have[1]} (a different r?)", adapter_dir)
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+            layer.lora_A.weight.requires_grad_(trainable)
+            layer.lora_B.weight.requires_grad_(trainable)
+    return model

@@ -36,6 +36,7 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import CheckpointError
+from ..util import is_int
 
 # dtype name in the header -> (torch dtype, bytes per element)
 DTYPES: Dict[str, tuple] = {
@@ -57,10 +58,6 @@ _ALIGN = 8  # the header is padded with spaces so that the data section starts 8
 
 if sys.byteorder != "little":  # the bytes are little-endian and we view them without swapping
     raise ImportError("llm2vec_mini.convert.safetensors needs a little-endian machine")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _no_duplicate_keys(pairs):
@@ -152,10 +149,10 @@ class SafetensorsFile:
         if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             self._fail(f"tensor {name!r}: unknown dtype {dtype_name!r} "
                        f"(known: {', '.join(DTYPES)})")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             self._fail(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(_is_int(o) for o in offsets)):
+                or not all(is_int(o) for o in offsets)):
             self._fail(f"tensor {name!r}: data_offsets must be two integers, got {offsets!r}")
         begin, end = offsets
         if not 0 <= begin <= end <= self._data_len:

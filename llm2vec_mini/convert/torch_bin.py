@@ -15,7 +15,10 @@ References:
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import pickletools
 import zipfile
 from typing import Dict
 
@@ -38,21 +41,15 @@ def load_torch_bin(path) -> Dict[str, torch.Tensor]:
     mmap = zipfile.is_zipfile(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # UnpicklingError for refused globals, RuntimeError/EOFError for garbage
-        message = " ".join(str(e).split())  # torch's messages span many lines
-        if "Weights only load failed" in message:  # keep the reason, drop torch's advice to trust the file
-            # torch words it "... WeightsUnpickler error: <reason> Check the documentation ..." or
-            # "... from a trusted source. <reason> Check the documentation ..."
-            reason = message
-            for marker in ("WeightsUnpickler error:", "trusted source."):
-                if marker in reason:
-                    reason = reason.split(marker, 1)[1]
-                    break
-            reason = reason.split(" Check the documentation")[0].strip().rstrip(".")
-            raise CheckpointError(f"refused by the weights-only unpickler ({reason}); nothing in "
-                                  f"the file was run", path) from e
-        raise CheckpointError(f"unreadable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{message[:300]})", path) from e
+    except pickle.UnpicklingError as e:  # the weights-only unpickler refused a global or an opcode
+        found = imported_globals(path)
+        reason = (f"it imports {', '.join(f'GLOBAL {g}' for g in found[:3])}, which a state dict of tensors "
+                  f"never needs" if found else "an opcode or a type a state dict of tensors never needs")
+        raise CheckpointError(f"refused by the weights-only unpickler: {reason}; nothing in the file was "
+                              f"run", path) from e
+    except Exception as e:  # RuntimeError, EOFError, zipfile errors, ...: a truncated or garbage file
+        message = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"unreadable PyTorch checkpoint ({type(e).__name__}: {message})", path) from e
 
     if not isinstance(payload, dict):
         raise CheckpointError(f"expected a dict of tensors (a state dict), found a "
@@ -65,3 +62,31 @@ def load_torch_bin(path) -> Dict[str, torch.Tensor]:
                                   f" (nested checkpoints such as {{'state_dict': ...}} are not "
                                   f"supported)", path)
     return dict(payload)
+
+
+def imported_globals(path, limit: int = 1 << 26) -> list[str]:
+    """The callables a checkpoint's pickle imports (GLOBAL / STACK_GLOBAL opcodes), other than torch's
+    own and collections': what the weights-only unpickler refuses. Read, never run (`pickletools`)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name)[:limit] if name else b""
+        else:  # a legacy file: several pickles in a row, before the tensor bytes
+            with open(path, "rb") as f:
+                data = f.read(limit)
+    except (OSError, zipfile.BadZipFile):
+        return []
+    stream, found, strings = io.BytesIO(data), [], []
+    while stream.tell() < len(data):
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                if isinstance(arg, str) and "UNICODE" in opcode.name:
+                    strings = (strings + [arg])[-2:]  # STACK_GLOBAL takes the last two
+                if opcode.name in ("GLOBAL", "INST"):
+                    found.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) == 2:
+                    found.append(".".join(strings))
+        except Exception:  # garbage after (or instead of) a pickle: stop reading
+            break
+    return [g for g in dict.fromkeys(found) if not g.startswith(("torch.", "collections."))]

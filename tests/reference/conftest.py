@@ -8,7 +8,6 @@ The bridge to the official library and the fixture builders live in reference_ti
 import json
 
 import pytest
-
 from reference_tier import TINY_CONFIG, TOKENIZER_KINDS, VOCAB, run_official, write_tokenizer
 
 

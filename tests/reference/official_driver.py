@@ -58,10 +58,10 @@ def _lora_config(r):
 
 
 def make_fixture(req):
-    from peft import get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
     from llm2vec import LLM2Vec
     from llm2vec.models import LlamaBiModel
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = req["out"]
     base, mntp, simcse = (os.path.join(out, d) for d in ("base", "mntp", "simcse"))
@@ -157,8 +157,8 @@ def loss(req):
 
 
 def mntp_loss(req):
-    from peft import PeftModel
     from llm2vec.models import LlamaBiForMNTP
+    from peft import PeftModel
     model = LlamaBiForMNTP.from_pretrained(req["base"])
     if req.get("adapter"):
         model.model = PeftModel.from_pretrained(model.model, req["adapter"])

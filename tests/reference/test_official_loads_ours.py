@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-
 from reference_tier import cosine_distance, official_encode
 from test_official_parity import MIXED, assert_parity
 

@@ -7,7 +7,6 @@ diagonal (hard negatives appended as extra columns).
 """
 
 import numpy as np
-
 from reference_tier import run_official
 
 
@@ -55,7 +54,8 @@ def test_official_mntp_loss_is_shifted(tiny_llm2vec, tmp_path):
     for job in jobs:
         out = np.load(job["out"])
         logp = log_softmax(out["logits"].astype(np.float64))  # (B, T, V)
-        terms = [-logp[b, t - 1, labels[b, t]] for b in range(2) for t in range(1, 10) if labels[b, t] != -100]
+        terms = [-logp[b, t - 1, labels[b, t]]
+                 for b in range(2) for t in range(1, 10) if labels[b, t] != -100]
         np.testing.assert_allclose(out["loss"], np.mean(terms), rtol=1e-5)
         losses.append(float(out["loss"]))
     assert abs(losses[0] - losses[1]) > 1e-4  # the MNTP adapter is really applied

@@ -7,12 +7,10 @@ The official side also checks itself (the adapters and settings change its outpu
 not), so a parity failure cannot hide behind a reference that ignores its inputs.
 """
 
-import json
 
 import numpy as np
 import pytest
 import torch
-
 from reference_tier import cosine_distance, official_encode, run_official
 
 TOL = 1e-5  # 1 - cos per sentence
@@ -44,7 +42,8 @@ MIXED = PAIRS + [["", t] for t in PLAIN + [p[1] for p in PAIRS]]
 
 def parity_jobs(kind: str) -> dict:
     """name -> official encode job (any key the driver's `encode` takes)."""
-    modes = ["mean", "weighted_mean", "eos_token", "last_token"] + (["bos_token"] if kind == "llama-spm" else [])
+    modes = ["mean", "weighted_mean", "eos_token", "last_token"]
+    modes += ["bos_token"] if kind == "llama-spm" else []
     jobs = {f"plain-{m}": dict(texts=PLAIN, pooling_mode=m, batch_size=3) for m in modes}
     jobs.update({
         "pairs-mean": dict(texts=PAIRS, pooling_mode="mean", batch_size=2),

@@ -5,9 +5,7 @@ write an HF directory (fp32 safetensors, config.json, tokenizer.json with "a b" 
 stacks load. Mean pooling, with and without an instruction, batch size 32.
 """
 
-import numpy as np
 import pytest
-
 from reference_tier import _data_dir, cosine_distance, official_encode
 from test_official_parity import assert_parity
 
@@ -16,9 +14,10 @@ INSTRUCTION = "Retrieve semantically similar text:"
 
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory):
+    import os
+
     from llm2vec_mini.convert.hf import load_pretrained, save_hf_dir
     from llm2vec_mini.hub import smollm2_path
-    import os
     try:
         gguf = smollm2_path()
     except FileNotFoundError as e:
