@@ -27,10 +27,16 @@ def missing(reason: str):
 
 
 def shared_data_dir() -> Path:
-    """$LLM2VEC_MINI_DATA, else ../shared/data beside the repository; skip or fail when absent."""
-    path = Path(os.environ.get("LLM2VEC_MINI_DATA", REPO.parent / "shared" / "data"))
-    if not path.is_dir():
-        missing(f"data folder {path} not found")
+    """The data folder in the package's one order (`hub.find_data_dir`: $LLM2VEC_MINI_DATA, the
+    download cache, ../shared/data), holding every file of the data table; skip or fail without one."""
+    from llm2vec_mini.hub import find_data_dir
+    try:
+        path = find_data_dir()
+    except FileNotFoundError as e:  # $LLM2VEC_MINI_DATA names a folder without the data
+        missing(str(e))
+    if path is None:
+        missing("no data folder ($LLM2VEC_MINI_DATA, the download cache or ../shared/data): "
+                "`python -m llm2vec_mini download data` fetches it")
     return path
 
 

@@ -39,12 +39,13 @@ REAL = os.environ.get("LLM2VEC_MINI_REAL") == "1"  # the one switch for the Smol
 def real_model_cell(var: str, path: str, what: str) -> str:
     """The head of a cell that runs only with LLM2VEC_MINI_REAL=1 and the data file at hand."""
     return (f"from llm2vec_mini.data import read_lines\n"
-            f"from llm2vec_mini.hub import smollm2_path\n\n"
-            f'{var} = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data")) / {path}\n'
+            f"from llm2vec_mini.hub import find_data_dir, smollm2_path\n\n"
+            f'DATA = find_data_dir(needs=["{path}"])  # $LLM2VEC_MINI_DATA, the download cache, ../shared/data\n'
+            f'{var} = DATA / "{path}" if DATA else None\n'
             f"if not REAL:\n"
             f'    print("skipped: set LLM2VEC_MINI_REAL=1 to {what}")\n'
-            f"elif not {var}.is_file():\n"
-            f'    print(f"skipped: {{{var}}} not found")\n'
+            f"elif {var} is None:\n"
+            f'    print("skipped: no data folder holds {path} (python -m llm2vec_mini download data)")\n'
             f"else:\n"
             f"    import llm2vec_mini\n\n"
             f"    torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core")
@@ -71,11 +72,11 @@ notebook covers what `llm2vec_mini.pooling` and `llm2vec_mini.encoder.LLM2Vec` d
 A tiny random model with a word-level tokenizer built here runs everything in seconds. The cells
 that use the real SmolLM2-135M run only with **`LLM2VEC_MINI_REAL=1`** in the environment (and the
 model in the cache: `python -m llm2vec_mini download smollm2`); otherwise they print that they were
-skipped. STS-B is read from `../../shared/data` or `$LLM2VEC_MINI_DATA`, and skipped when absent.
+skipped. STS-B is read from the data folder (`$LLM2VEC_MINI_DATA`, the download cache of
+`python -m llm2vec_mini download data`, or `../../shared/data`), and skipped when there is none.
 """),
 code(r"""
 import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -313,14 +314,14 @@ more than word overlap. `evaluate_sts` is checked against `scipy.stats.spearmanr
 code(r"""
 from llm2vec_mini.data import STSSubset, load_sts
 from llm2vec_mini.evaluate import cosine_scores, evaluate_sts
+from llm2vec_mini.hub import find_data_dir
 
-DATA = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data"))
-STS_DEV = DATA / "stsbenchmark" / "sts-dev.csv"
-dev = load_sts(STS_DEV)[0] if STS_DEV.is_file() else None
+DATA = find_data_dir(needs=["stsbenchmark/sts-dev.csv"])  # $LLM2VEC_MINI_DATA, the download cache, ../shared/data
+dev = load_sts(DATA / "stsbenchmark" / "sts-dev.csv")[0] if DATA else None
 if dev is None:
     if os.environ.get("LLM2VEC_MINI_REQUIRE_DATA") == "1":
-        raise FileNotFoundError(f"{STS_DEV} not found (LLM2VEC_MINI_REQUIRE_DATA=1)")
-    print(f"skipped: {STS_DEV} not found (set LLM2VEC_MINI_DATA to the shared data folder)")
+        raise FileNotFoundError("no data folder holds stsbenchmark/sts-dev.csv (LLM2VEC_MINI_REQUIRE_DATA=1)")
+    print("skipped: no data folder holds stsbenchmark/sts-dev.csv (python -m llm2vec_mini download data)")
 else:
     sample = STSSubset("sts-dev (every 15th pair)", dev.sentences1[::15], dev.sentences2[::15],
                        dev.scores[::15])
@@ -368,7 +369,7 @@ real_scores = {}
 if not REAL:
     print("skipped: set LLM2VEC_MINI_REAL=1 to run SmolLM2 on STS-B dev")
 elif dev is None:
-    print(f"skipped: {STS_DEV} not found")
+    print("skipped: no data folder holds stsbenchmark/sts-dev.csv")
 else:
     import llm2vec_mini
 
@@ -694,7 +695,7 @@ layers. We check the trainable count against the formula, that a fresh adapter l
 unchanged, and that one backward pass of a real batch (8 sentences of WikiText-2) puts gradients on
 the adapters only. About half a minute on a 2-core CPU.
 """),
-code(real_model_cell("WIKITEXT", '"wikitext-2" / "valid.txt"', "put LoRA adapters on SmolLM2") + r"""
+code(real_model_cell("WIKITEXT", "wikitext-2/valid.txt", "put LoRA adapters on SmolLM2") + r"""
     real, real_tokenizer = llm2vec_mini.load_pretrained(smollm2_path())
     texts = [line for line in read_lines(WIKITEXT) if len(line) > 80][:8]
     batch = torch.tensor([real_tokenizer.encode(t)[:48] for t in texts])  # (8, 48), none shorter
@@ -1019,7 +1020,7 @@ with bidirectional attention (our run: 5.12 and 5.91; half a minute on a busy 2-
 toy, the switch alone makes the untrained model worse. Training it is the CLI's job
 (`python -m llm2vec_mini train-mntp`), best on a GPU.
 """),
-code(real_model_cell("WIKITEXT", '"wikitext-2" / "valid.txt"', "measure SmolLM2's MNTP loss") + r"""
+code(real_model_cell("WIKITEXT", "wikitext-2/valid.txt", "measure SmolLM2's MNTP loss") + r"""
     real_model, real_tokenizer = llm2vec_mini.load_pretrained(smollm2_path())
     real_task = mntp_task(real_model, real_tokenizer, read_lines(WIKITEXT)[:200], block_size=128,
                           max_blocks=8)
@@ -1280,7 +1281,7 @@ other than to other sentences, and the loss starts well below chance ($\ln 32 \a
 pretrained model's embeddings already separate sentences. (`make demo` and
 `python -m llm2vec_mini train-simcse` train it; about half a minute here.)
 """),
-code(real_model_cell("WIKI1M", '"wiki1m_slice" / "wiki1m_for_simcse.first11914.txt"',
+code(real_model_cell("WIKI1M", "wiki1m_slice/wiki1m_for_simcse.first11914.txt",
                      "measure SmolLM2's SimCSE loss") + r"""
     real, real_tokenizer = llm2vec_mini.load_pretrained(smollm2_path())
     real.set_causal(False)
