@@ -71,7 +71,8 @@ def no_data_around(tmp_path, monkeypatch):
     return tmp_path / "cache" / "data"
 
 
-def test_without_data_the_demo_downloads_its_three_files(no_data_around, data_dir, monkeypatch, capsys):
+def test_without_data_the_demo_downloads_its_three_files(data_dir, no_data_around, monkeypatch, capsys):
+    # data_dir first: it finds ../shared/data before no_data_around hides it
     monkeypatch.setenv("LLM2VEC_MINI_DATA_URL", data_dir.resolve().as_uri())
     assert demo_data_dir() == no_data_around
     fetched = sorted(str(p.relative_to(no_data_around)) for p in no_data_around.rglob("*") if p.is_file())
