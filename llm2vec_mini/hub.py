@@ -234,8 +234,9 @@ def find_data_dir(explicit: Optional[Union[str, os.PathLike]] = None,
         if given:
             folder = pathlib.Path(given).expanduser()
             missing = [p for p in needs if not (folder / p).is_file()]
-            if missing or not folder.is_dir():
-                raise FileNotFoundError(f"{name} {given}: no {missing[0] if missing else 'folder'} inside")
+            if not folder.is_dir() or missing:
+                raise FileNotFoundError(f"{name} {given}: " + (f"no {missing[0]} inside" if folder.is_dir()
+                                                                else "no such folder"))
             return folder
     shared = pathlib.Path("shared") / "data"
     for folder in (data_cache_dir(cache_dir), pathlib.Path.cwd().parent / shared,

@@ -397,6 +397,8 @@ def test_the_data_folder_is_found_in_the_documented_order(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="--data-dir .*work: no wikitext-2/valid.txt inside"):
         hub.find_data_dir(data_dir(work, needs[:1]), needs=needs)
     monkeypatch.setenv("LLM2VEC_MINI_DATA", str(work))  # named, but wrong: an error too
-    with pytest.raises(FileNotFoundError, match="LLM2VEC_MINI_DATA"):
+    with pytest.raises(FileNotFoundError, match="LLM2VEC_MINI_DATA .*work: no wikitext-2/valid.txt inside"):
         hub.find_data_dir(needs=needs)
+    with pytest.raises(FileNotFoundError, match="--data-dir .*nowhere: no such folder"):
+        hub.find_data_dir(tmp_path / "nowhere", needs=())
     assert hub.groups_of(needs) == ["stsb", "wikitext2"]
