@@ -11,7 +11,7 @@ model would at about 40 texts/s on 2 cores; the output rows are as wide as the r
 "after load" its RSS once the model is built (before the corpus is touched). Lines are short
 sentences (about 10 tokens), built deterministically from line numbers.
 
-    .venv/bin/python benchmarks/bench_corpus_memory.py [--lines 10000 100000] [--layers 2] [--threads 1]
+    .venv/bin/python benchmarks/bench_corpus_memory.py [--lines 10000 100000] [--layers 1] [--threads 1]
                                                        [--modes streamed inmemory] [--chunk-size 1024]
 
 Target: the streamed peak for 100,000 lines within 10 % of that for 10,000.
@@ -81,7 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lines", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--modes", nargs="+", default=["streamed", "inmemory"], choices=["streamed", "inmemory"])
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
