@@ -7,6 +7,7 @@ straight into its rows of a memory-mapped `.npy`:
 
     OUT.npy.partial               (N, hidden) float32; rows [c * C, (c + 1) * C) <- encode(chunk c)
     OUT.npy.progress.<rank>.json  chunk c is recorded done only after its rows are flushed to disk
+                                  (as runs of chunk ids, [[start, stop), ...]: a record stays small)
     every chunk done          ->  OUT.npy.partial renamed to OUT.npy, the records removed
 
 Memory: one chunk of texts and embeddings at a time, plus a byte offset and a digest per chunk. Each
@@ -22,11 +23,12 @@ place, and the output is named `.partial` until the last chunk is done, so a hal
 never taken for a finished one.
 
 Several processes (`torchrun --nproc_per_node=N -m llm2vec_mini encode ...`): every process reads
-the records, takes every N-th chunk not yet done and writes its rows into the same file; rank 0
-creates the file before, and renames it after, each behind a barrier. Each process keeps a record of
-its own (`.progress.<rank>.json`), so no file has two writers; at the start of a run rank 0 merges
-the records into its own, whatever the number of processes that wrote them. The processes must share
-one file system that maps files coherently (one machine).
+the records, takes an N-th of the chunks not yet done (a contiguous block, so that its record stays a
+few runs of ids) and writes their rows into the same file; rank 0 creates the file before, and
+renames it after, each behind a barrier. Each process keeps a record of its own
+(`.progress.<rank>.json`), so no file has two writers; at the start of a run rank 0 merges the
+records into its own, whatever the number of processes that wrote them. The processes must share one
+file system that maps files coherently (one machine).
 
 Input formats: "lines" (one text per line, stripped of surrounding white space; an empty line is an
 empty text) and "jsonl" (one JSON object per line with a "text" string and an optional
@@ -228,12 +230,32 @@ def _record_paths(output: Path, suffix: str = ".json") -> List[Path]:
                   and p.name[len(prefix):-len(suffix)].isdigit())
 
 
+def _runs(ids) -> List[List[int]]:
+    """Chunk ids -> runs of consecutive ids, [[start, stop), ...] (what a record holds)."""
+    runs = []
+    for c in sorted(ids):
+        _add(runs, c)
+    return runs
+
+
+def _add(runs: List[List[int]], c: int) -> None:
+    """Record chunk c: extend the last run when c follows it, else start a new one."""
+    if runs and runs[-1][1] == c:
+        runs[-1][1] = c + 1
+    else:
+        runs.append([c, c + 1])
+
+
 def _read_record(path: Path) -> dict:
+    """A record, checked, with its runs expanded into the set of chunk ids `record["chunks"]`."""
     record = read_json(path, error=ConfigError, expect=dict)
     done = record.get("done")
     if (record.get("version") != RECORD_VERSION or not isinstance(record.get("run"), dict)
-            or not isinstance(done, list) or not all(is_int(c) and c >= 0 for c in done)):
+            or not isinstance(done, list)
+            or not all(isinstance(r, list) and len(r) == 2 and all(is_int(x) for x in r) and 0 <= r[0] < r[1]
+                       for r in done)):
         raise ConfigError("not a progress record of this version; pass --overwrite to start over", path)
+    record["chunks"] = {c for start, stop in done for c in range(start, stop)}
     return record
 
 
@@ -252,10 +274,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_record(path: Path, identity: dict, done: List[int], source: Path) -> None:
+def _write_record(path: Path, identity: dict, runs: List[List[int]], source: Path) -> None:
     """Atomically: a temporary file, flushed to disk, then renamed over the old record."""
     tmp = path.with_name(path.name + ".tmp")
-    record = {"version": RECORD_VERSION, "run": identity, "input_path": str(source), "done": sorted(done)}
+    record = {"version": RECORD_VERSION, "run": identity, "input_path": str(source), "done": runs}
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
@@ -274,17 +296,17 @@ def _earlier_chunks(output: Path, partial: Path, identity: dict, n_chunks: int, 
     done = set()
     for path in paths:
         record = _read_record(path)
-        if not record["done"]:
+        if not record["chunks"]:
             continue
         differ = [k for k in identity if record["run"].get(k) != identity[k]]
         if differ:
             raise ConfigError(f"holds an unfinished run that differs from this one in its "
                               f"{' and '.join(differ)} (it read {record.get('input_path')}); rerun it as it "
                               f"was to continue, or pass --overwrite to start over", path)
-        if max(record["done"]) >= n_chunks:
-            raise ConfigError(f"names chunk {max(record['done'])} of {n_chunks}; pass --overwrite to start "
-                              f"over", path)
-        done.update(record["done"])
+        if max(record["chunks"]) >= n_chunks:
+            raise ConfigError(f"names chunk {max(record['chunks'])} of {n_chunks}; pass --overwrite to "
+                              f"start over", path)
+        done.update(record["chunks"])
     try:
         rows = open_memmap(partial, mode="r")
     except (OSError, ValueError) as e:
@@ -311,7 +333,7 @@ def _prepare(output: Path, partial: Path, shape, done: set, identity: dict, sour
         _fsync_dir(partial.parent)
         return
     mine = _record_path(output, 0)
-    _write_record(mine, identity, sorted(done), source)  # first the union, then drop the parts
+    _write_record(mine, identity, _runs(done), source)  # first the union, then drop the parts
     for path in _record_paths(output):
         if path != mine:
             path.unlink()
@@ -321,7 +343,7 @@ def _finish(output: Path, partial: Path, n_chunks: int) -> None:
     """Rank 0, after every process: check that every chunk is recorded, then rename into place."""
     done = set()
     for path in _record_paths(output):
-        done.update(_read_record(path)["done"])
+        done.update(_read_record(path)["chunks"])
     if len(done & set(range(n_chunks))) != n_chunks:
         raise ConfigError(f"{n_chunks - len(done)} chunks are not recorded done; run again to encode them",
                           partial)
@@ -377,15 +399,15 @@ def encode_corpus(encoder: LLM2Vec, input: PathLike, output: PathLike, instructi
     if rank == 0:
         _prepare(output, partial, shape, done, identity, corpus.path)
     barrier()
-    # 3. each process encodes every world_size-th chunk left and records it in its own record
-    todo = [c for c in range(corpus.n_chunks) if c not in done][rank::world_size]
-    mine = sorted(done) if rank == 0 else []  # rank 0's record holds the merged earlier ones
+    # 3. each process encodes its block of the chunks left and records them in its own record
+    left = [c for c in range(corpus.n_chunks) if c not in done]
+    todo = left[rank * len(left) // world_size:(rank + 1) * len(left) // world_size]
+    mine = _runs(done) if rank == 0 else []  # rank 0's record holds the merged earlier ones
     bar = None
     if rank == 0 and (sys.stderr.isatty() if progress is None else progress):
         before = sum(corpus.size(c) for c in done) if world_size == 1 else 0
-        left = sum(corpus.size(c) for c in todo)
-        bar = tqdm(total=before + left, initial=before, unit="text", smoothing=0.1,
-                   desc="encode" if world_size == 1 else f"encode (rank 0 of {world_size})")
+        bar = tqdm(total=before + sum(corpus.size(c) for c in todo), initial=before, unit="text",
+                   smoothing=0.1, desc="encode" if world_size == 1 else f"encode (rank 0 of {world_size})")
     encoded = 0
     try:
         for c in todo:
@@ -397,7 +419,7 @@ def encode_corpus(encoder: LLM2Vec, input: PathLike, output: PathLike, instructi
             rows[start:stop] = emb
             rows.flush()  # on disk before the record says so
             del rows  # unmapped: the written pages leave this process's memory
-            mine.append(c)
+            _add(mine, c)
             encoded += 1
             _write_record(_record_path(output, rank), identity, mine, corpus.path)
             if on_chunk is not None:
