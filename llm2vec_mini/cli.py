@@ -2,7 +2,7 @@
 
     download smollm2      fetch the real model into the local cache, print its path
     download data         fetch the data (STS-B, WikiText-2, wiki1m, UD, vocabularies) into the cache
-    encode                texts (one per line) -> embeddings (.npy)
+    encode                a corpus (text or JSON lines) -> embeddings (.npy); resumes, runs under torchrun
     eval-sts              STS-B / SemEval / SICK: Spearman and Pearson x 100 on cosine similarity
     eval-probe            a linear UPOS probe on frozen token states (word-level quality)
     eval-mteb             MTEB tasks by name, with the official instructions (needs mteb and a network)
@@ -62,14 +62,15 @@ def _cmd_download(args) -> int:
 
 
 def _cmd_encode(args) -> int:
-    import numpy as np
-
-    from .data import read_lines
-    texts = read_lines(args.input, skip_empty=False)
-    emb = _encoder(args).encode(_with_instruction(texts, args.instruction), batch_size=args.batch_size,
-                                normalize=args.normalize)
-    np.save(args.output, emb)
-    print(f"{len(texts)} texts -> {args.output} {emb.shape}")
+    from .corpus import encode_corpus
+    from .distributed import init_distributed, world
+    init_distributed(_device(args))  # under torchrun: join the group before the model picks its GPU
+    run = encode_corpus(_encoder(args), args.input, args.output, instruction=args.instruction,
+                        format=args.format, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                        normalize=args.normalize, overwrite=args.overwrite)
+    rank, size = world()
+    print(f"{f'rank {rank} of {size}: ' if size > 1 else ''}{run.shape[0]} texts -> {run.output} "
+          f"{run.shape}; chunks: {run.n_chunks}, encoded here {run.encoded}, by an earlier run {run.earlier}")
     return 0
 
 
@@ -219,8 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode", help="embed the lines of a text file into a .npy array")
     _model_args(p)
-    p.add_argument("--input", required=True, help="a UTF-8 text file, one text per line")
-    p.add_argument("--output", required=True, help="where to write the (N, hidden) float32 .npy")
+    p.add_argument("--input", required=True,
+                   help="a UTF-8 file: one text per line, or JSON lines with \"text\" and an optional "
+                        "\"instruction\" (which replaces --instruction)")
+    p.add_argument("--format", default="auto", choices=["auto", "lines", "jsonl"],
+                   help="auto (default): jsonl for a .jsonl file, else lines")
+    p.add_argument("--output", required=True,
+                   help="the (N, hidden) float32 .npy to write; OUT.partial and OUT.progress.*.json "
+                        "beside it until it is done")
+    p.add_argument("--chunk-size", type=int, default=1024,
+                   help="lines encoded, written and recorded together (sorted by length inside)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: replace a finished --output or an unfinished run of other input, "
+                        "model or settings (the same command otherwise resumes an interrupted run)")
     p.add_argument("--normalize", action="store_true")
     p.set_defaults(func=_cmd_encode)
 

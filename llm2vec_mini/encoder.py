@@ -28,7 +28,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -203,9 +203,13 @@ class LLM2Vec:
     # ---------------------------------------------------------------------------------------------
 
     def encode(self, sentences, batch_size: int = 32, normalize: bool = False,
-               convert_to: str = "numpy", show_progress_bar: Optional[bool] = None
-               ) -> Union[np.ndarray, torch.Tensor]:
-        """Embed strings or [instruction, text] pairs: returns (N, hidden) float32, in input order."""
+               convert_to: str = "numpy", show_progress_bar: Optional[bool] = None,
+               on_batch: Optional[Callable[[int], None]] = None) -> Union[np.ndarray, torch.Tensor]:
+        """Embed strings or [instruction, text] pairs: returns (N, hidden) float32, in input order.
+
+        `on_batch(n)`, if given, is called after each batch with its number of texts (a progress bar
+        of one's own, as `corpus.encode_corpus` keeps).
+        """
         if isinstance(sentences, str):
             sentences = [sentences]
         if not is_int(batch_size) or batch_size < 1:
@@ -230,6 +234,8 @@ class LLM2Vec:
                 hidden = self.model(input_ids, attention)  # (B, T, H)
                 pooled_over = embed if self.skip_instruction else attention
                 out[idx] = pool(hidden, attention, pooled_over, self.pooling).float().cpu()
+            if on_batch is not None:
+                on_batch(len(idx))
         if normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out.numpy() if convert_to == "numpy" else out

@@ -37,19 +37,30 @@ def read_json(path: PathLike, error: Type[Llm2VecMiniError] = CheckpointError, d
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            value = json.loads(f.read().decode("utf-8"))
+            data = f.read()
     except FileNotFoundError:
         if default is not _REQUIRED:
             return default
         raise error("file not found", path) from None
-    except RecursionError:
-        raise error("not a valid JSON file (nested too deeply)", path) from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except OSError as e:
         raise error(f"not a valid JSON file ({e})", path) from None
+    value = parse_json(data, error, path, what="a valid JSON file")
     if expect is not None and not isinstance(value, expect):
         raise error(f"expected a JSON {'object' if expect is dict else expect.__name__}, got "
                     f"{type(value).__name__}", path)
     return value
+
+
+def parse_json(data: Union[str, bytes], error: Type[Llm2VecMiniError], where: Any = None,
+               what: str = "valid JSON") -> Any:
+    """The value of a JSON text (bytes must be UTF-8), or `error` naming `where` (a file, "file, line 3")
+    when it is not UTF-8, not JSON, or nested too deeply to parse."""
+    try:
+        return json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except RecursionError:
+        raise error(f"not {what} (nested too deeply)", where) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(f"not {what} ({e})", where) from None
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

@@ -42,6 +42,10 @@ def test_shell_lines_name_real_commands(line):
         assert words[1] in targets, f"make {words[1]}: no such target"
     elif words[:3] == ["python", "-m", "llm2vec_mini"]:
         build_parser().parse_args(words[3:])  # exits (fails the test) on unknown commands or options
+    elif words[0] == "torchrun":  # torchrun's own options, then -m llm2vec_mini and ours
+        at = words.index("-m")
+        assert words[at + 1] == "llm2vec_mini" and all(w.startswith("--") for w in words[1:at])
+        build_parser().parse_args(words[at + 2:])
     elif words[0] == "huggingface-cli":
         assert words[1] == "download"  # needs the hub: shown, not run
     else:
