@@ -1,5 +1,5 @@
-"""Small helpers every other module shares: JSON files, type checks, the decoder inside a model, left
-padding, and seeds derived from a tuple. One home each, so that no rule is written twice.
+"""Small helpers every other module shares: JSON files, type checks, device names, the decoder inside a
+model, left padding, and seeds derived from a tuple. One home each, so that no rule is written twice.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Sequence, Type, Union
 import torch
 from torch import nn
 
-from .errors import CheckpointError, Llm2VecMiniError
+from .errors import CheckpointError, ConfigError, Llm2VecMiniError
 
 PathLike = Union[str, os.PathLike]
 _REQUIRED = object()
@@ -30,26 +30,74 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+MAX_JSON_BYTES = 64 << 20  # a config, index or settings file is kilobytes; tokenizer.json is not read here
+MAX_JSON_DEPTH = 64  # ours nest 3 or 4 levels; far deeper is garbage, and Python's repr would overflow on it
+
+
 def read_json(path: PathLike, error: Type[Llm2VecMiniError] = CheckpointError, default: Any = _REQUIRED,
               expect: type | None = None) -> Any:
     """The value of a JSON file, or `error` naming the file when it is absent (unless a `default` is
-    given), unreadable, not UTF-8, not JSON, nested too deeply to parse, or not of type `expect`."""
+    given), unreadable, over MAX_JSON_BYTES, not UTF-8, not JSON, nested deeper than MAX_JSON_DEPTH,
+    or not of type `expect`."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            value = json.loads(f.read().decode("utf-8"))
+            data = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         if default is not _REQUIRED:
             return default
         raise error("file not found", path) from None
-    except RecursionError:
-        raise error("not a valid JSON file (nested too deeply)", path) from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise error(f"not a valid JSON file ({e})", path) from None
+    except OSError as e:
+        raise error(f"cannot read ({e.strerror or e})", path) from None
+    if len(data) > MAX_JSON_BYTES:
+        raise error(f"over {MAX_JSON_BYTES >> 20} MB: not a JSON settings file", path)
+    value = parse_json(data, path, error)
     if expect is not None and not isinstance(value, expect):
         raise error(f"expected a JSON {'object' if expect is dict else expect.__name__}, got "
                     f"{type(value).__name__}", path)
     return value
+
+
+def parse_json(data: bytes, path: PathLike | None = None, error: Type[Llm2VecMiniError] = CheckpointError,
+               object_pairs_hook=None) -> Any:
+    """UTF-8 JSON bytes -> value, or `error` naming `path` when they are not UTF-8, not JSON, or nested
+    deeper than MAX_JSON_DEPTH (checked after parsing, without recursion: a value that deep would
+    make any recursive walk over it, `repr` in an error message included, raise RecursionError)."""
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=object_pairs_hook)
+    except RecursionError:
+        raise error(f"not a valid JSON file (nested deeper than {MAX_JSON_DEPTH} levels)", path) from None
+    except UnicodeDecodeError as e:
+        raise error(f"not a valid JSON file (not UTF-8: {e.reason} at byte {e.start})", path) from None
+    except ValueError as e:
+        raise error(f"not a valid JSON file ({e})", path) from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        if children and depth >= MAX_JSON_DEPTH:
+            raise error(f"not a valid JSON file (nested deeper than {MAX_JSON_DEPTH} levels)", path)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return value
+
+
+def torch_device(value: Any, name: str = "device") -> torch.device:
+    """A device argument ("cpu", "cuda", "cuda:1", a torch.device) -> torch.device, or ConfigError naming
+    the argument when torch does not know it, or it is a GPU this machine does not have."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{name}: unknown device {value!r} (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{name} {value}: this machine has no CUDA GPU that torch can use")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{name} {value}: there are only {torch.cuda.device_count()} GPUs")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{name} {value}: this machine has no Apple GPU that torch can use")
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"{name}: device type {device.type!r} is not supported (cpu, cuda, cuda:1, mps)")
+    return device
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

@@ -205,3 +205,29 @@ def test_save_file_rejects_bad_arguments(tmp_path):
         save_file({"n": [1.0]}, path)
     with pytest.raises(CheckpointError, match="metadata"):
         save_file({"a": torch.zeros(1)}, path, metadata={"a": 1})
+
+
+@pytest.mark.parametrize("shift", [-1, 1, -8])
+def test_a_header_length_that_is_off_is_refused_as_the_library_does(tmp_path, shift):
+    """Issue 16: the header ends in padding spaces, so a length one byte short still parses; every
+    tensor was then read one byte early. The tensors must fill the data section exactly."""
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.float16)}, good)
+    data = good.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert data[8 + n - 1:8 + n] == b" "  # the padding that makes the short header parse
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((n + shift).to_bytes(8, "little") + data[8:])
+    with pytest.raises(Exception):
+        safetensors_torch.load_file(str(bad))
+    with pytest.raises(CheckpointError, match="bad.safetensors") as err:
+        load_file(bad)
+    assert "data section" in str(err.value) or "JSON" in str(err.value)
+
+
+def test_gaps_between_tensors_are_refused_as_the_library_does(tmp_path):
+    path = write_raw(tmp_path / "gap.safetensors", {"t": {**GOOD, "data_offsets": [4, 12]}}, b"\x00" * 12)
+    with pytest.raises(Exception):
+        safetensors_torch.load_file(str(path))
+    with pytest.raises(CheckpointError, match="tensor 't' starts at byte 4.*gap"):
+        load_file(path)

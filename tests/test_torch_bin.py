@@ -111,3 +111,29 @@ def test_truncated_garbage_and_missing_files(tmp_path):
         with pytest.raises(CheckpointError) as err:
             load_torch_bin(path)
         assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("tensor, kind", [
+    (torch.empty(2, 3, device="meta"), "a meta tensor"),  # no data at all: failed untyped in the loader
+    (torch.eye(3).to_sparse(), "a torch.sparse_coo tensor"),  # loaded, and broke encode() later
+])
+def test_tensors_that_are_no_plain_weights_are_refused(tmp_path, tensor, kind):
+    """Issue 16, class 7."""
+    path = tmp_path / "odd.bin"
+    torch.save({"w": torch.zeros(2), "x": tensor}, path)
+    with pytest.raises(CheckpointError, match=f"tensor 'x': {kind}; a weight must be a plain dense") as err:
+        load_torch_bin(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_compressed_record_is_refused_before_it_is_read(tmp_path):
+    """torch.save stores its records as they are; a deflated one could expand to any size (a zip bomb)."""
+    import zipfile
+    good = tmp_path / "good.bin"
+    torch.save(state_dict(), good)
+    packed = tmp_path / "packed.bin"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(CheckpointError, match=r"packed\.bin: record .* is compressed"):
+        load_torch_bin(packed)
