@@ -59,12 +59,17 @@ def read_json(path: PathLike, error: Type[Llm2VecMiniError] = CheckpointError, d
 
 
 def parse_json(data: bytes, path: PathLike | None = None, error: Type[Llm2VecMiniError] = CheckpointError,
-               object_pairs_hook=None) -> Any:
+               object_pairs_hook=None, strict: bool = False) -> Any:
     """UTF-8 JSON bytes -> value, or `error` naming `path` when they are not UTF-8, not JSON, or nested
     deeper than MAX_JSON_DEPTH (checked after parsing, without recursion: a value that deep would
-    make any recursive walk over it, `repr` in an error message included, raise RecursionError)."""
+    make any recursive walk over it, `repr` in an error message included, raise RecursionError).
+    `strict`: NaN and Infinity, which Python reads but JSON does not have, and strings holding lone
+    surrogates are refused too."""
+    def no_constant(name):
+        raise ValueError(f"{name} is not JSON")
     try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=object_pairs_hook)
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=object_pairs_hook,
+                           parse_constant=no_constant if strict else None)
     except RecursionError:
         raise error(f"not a valid JSON file (nested deeper than {MAX_JSON_DEPTH} levels)", path) from None
     except UnicodeDecodeError as e:
@@ -78,7 +83,37 @@ def parse_json(data: bytes, path: PathLike | None = None, error: Type[Llm2VecMin
         if children and depth >= MAX_JSON_DEPTH:
             raise error(f"not a valid JSON file (nested deeper than {MAX_JSON_DEPTH} levels)", path)
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        if strict:
+            texts = [*item, *children] if isinstance(item, dict) else [item, *children]  # keys too
+            if not all(_is_utf8(text) for text in texts if isinstance(text, str)):
+                raise error("not a valid JSON file (a string holds a lone surrogate, \\udXXX)", path)
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a string with a lone surrogate (JSON can escape one, "\\ud800"; UTF-8 cannot hold it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_file(path: PathLike) -> bool:
+    """Path(path).is_file(), but False, not OSError, for a name the system cannot even look up (longer
+    than NAME_MAX, a loop of links): such names come from files (a shard in an index, a base model)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path: PathLike) -> bool:
+    """Path(path).is_dir(), False for a name the system cannot look up (see `is_file`)."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def torch_device(value: Any, name: str = "device") -> torch.device:

@@ -15,16 +15,21 @@ the memory limit) or stops answering (a hang). Outcomes:
     crash     any other exception: an untyped error, MemoryError, a panic, ... (with its traceback)
 """
 
+import contextlib
+import io
 import json
 import resource
 import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from llm2vec_mini import LlamaConfig, LlamaForCausalLM
+from llm2vec_mini.cli import main as cli_main
 from llm2vec_mini.convert.gguf import load_gguf_tokenizer
 from llm2vec_mini.convert.hf_tokenizer import load_hf_tokenizer
 from llm2vec_mini.convert.safetensors import load_file
@@ -32,6 +37,9 @@ from llm2vec_mini.convert.torch_bin import load_torch_bin
 from llm2vec_mini.data import load_sts, read_conllu, read_lines
 from llm2vec_mini.encoder import LLM2Vec
 from llm2vec_mini.errors import Llm2VecMiniError
+from llm2vec_mini.lora import add_lora
+from llm2vec_mini.simcse import SimCSETask
+from llm2vec_mini.train import TrainConfig, train
 
 TEXTS = ["A man is playing a guitar.", ["Retrieve similar text:", "the cat sat"], "", "é ü ✓ 漢字 🙂"]
 
@@ -52,6 +60,45 @@ def encode_model(case):
     if not (isinstance(out, np.ndarray) and out.dtype == np.float32
             and out.shape == (len(TEXTS), enc.hidden_size)):
         return f"encode returned {type(out).__name__} {getattr(out, 'shape', '')} {getattr(out, 'dtype', '')}"
+
+
+def cli_encode(case):
+    """`python -m llm2vec_mini encode` on the model: exit status 0 and the embeddings written, or 2 and
+    one line naming the file (a traceback is a crash)."""
+    out, err = Path(case["work"]) / "emb.npy", io.StringIO()
+    texts = Path(case["work"]) / "texts.txt"
+    texts.write_text("A man is playing a guitar.\nthe cat sat\n\n", encoding="utf-8")
+    args = ["encode", "--model", case["path"], "--input", str(texts), "--output", str(out), "--device", "cpu"]
+    with contextlib.redirect_stderr(err):
+        status = cli_main(args + [a for adapter in case.get("adapters", []) for a in ("--adapter", adapter)])
+    if status == 2:
+        raise CliError(err.getvalue().strip())
+    if status != 0 or np.load(out).shape[0] != 3:
+        return f"exit status {status}, stderr {err.getvalue()[-300:]!r}"
+
+
+class CliError(Llm2VecMiniError):
+    """What the command line printed for a bad input (exit status 2), checked like our errors."""
+
+
+def resume_model_and_task():
+    """The tiny LoRA model and SimCSE task that the resume seed was trained with (the same each time)."""
+    torch.manual_seed(0)
+    model = add_lora(LlamaForCausalLM(LlamaConfig.tiny()).set_causal(False), r=2, alpha=4.0, dropout=0.0)
+    gen = torch.Generator().manual_seed(1)
+    sentences = [torch.randint(3, 256, (5,), generator=gen).tolist() for _ in range(8)]
+    return model, SimCSETask(model, sentences, pad_id=2)
+
+
+RESUME = dict(steps=2, batch_size=2, lr=1e-2, progress=False, checkpoint_every=1)
+
+
+def resume(case):
+    """Training resumed from a checkpoint (trainer_state.json, optimizer.pt, the adapter) to the end."""
+    _, task = resume_model_and_task()
+    out = train(task, TrainConfig(**RESUME), case["path"], resume=True)
+    if not (Path(out) / "adapter_model.safetensors").is_file():
+        return "no adapter written"
 
 
 def tokenize(case):
@@ -112,8 +159,8 @@ def lines(case):
         return "an empty line was kept"
 
 
-TARGETS = {"model": encode_model, "tokenizer": tokenize, "safetensors": safetensors_file, "bin": torch_bin,
-           "sts": sts, "conllu": conllu, "lines": lines}
+TARGETS = {"model": encode_model, "cli": cli_encode, "tokenizer": tokenize, "safetensors": safetensors_file,
+           "bin": torch_bin, "sts": sts, "conllu": conllu, "lines": lines, "resume": resume}
 
 
 def run(case, seconds: float) -> dict:

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fuzz_worker import RESUME, resume_model_and_task
 
 from llm2vec_mini import LlamaConfig, LlamaForCausalLM
 from llm2vec_mini.convert.checks import llama_shapes
@@ -49,6 +50,7 @@ from llm2vec_mini.convert.peft import save_adapter
 from llm2vec_mini.convert.safetensors import save_file
 from llm2vec_mini.encoder import write_settings
 from llm2vec_mini.lora import add_lora
+from llm2vec_mini.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = os.environ.get("LLM2VEC_MINI_FUZZ_PACKAGE", str(REPO))  # another checkout to fuzz (old code)
@@ -352,6 +354,14 @@ def build_seeds(root: Path) -> dict:
     seeds["bin"] = dict(target="bin", home=bin_file, files={bin_file.name: "bin"},
                         states={bin_file.name: lone_state})
 
+    # A training run stopped after its first checkpoint, to be resumed
+    run = root / "run"
+    _, task = resume_model_and_task()
+    train(task, TrainConfig(**RESUME), run, stop_after=1)
+    seeds["resume"] = dict(target="resume", home=run, copy=True, files={
+        "checkpoint-1/trainer_state.json": "json", "checkpoint-1/optimizer.pt": "blob",
+        "checkpoint-1/adapter_config.json": "json"})
+
     data = root / "data"
     (data / "semeval").mkdir(parents=True)
     texts = {"sts-dev.csv": STSB, "SICK_trial.txt": SICK, "ewt.conllu": CONLLU, "wiki.txt": LINES}
@@ -565,8 +575,8 @@ def crafted_state(state: dict, rng: random.Random):
         "complex": lambda: t.to(torch.complex64),
         "bfloat16": lambda: t.bfloat16(),
         "transposed": lambda: t.t() if t.dim() == 2 else t[None],
-        "nan": lambda: torch.full_like(t, float("nan")),
-        "parameter": lambda: torch.nn.Parameter(t.clone()),
+        "nan": lambda: torch.full_like(t, float("nan"), dtype=torch.float32),
+        "parameter": lambda: torch.nn.Parameter(t.clone(), requires_grad=False),
         "list": lambda: t.tolist(),
         "int": lambda: 5,
         "nested": lambda: {"weight": t},
@@ -627,13 +637,17 @@ def case_dir(seed: dict, root: Path, case_id: int, file: str, content) -> Path:
     other files are symlinks to the seed's."""
     home = Path(seed["home"])
     out = root / f"case{case_id}"
-    out.mkdir()
-    if home.is_dir():
+    if seed.get("copy"):  # a folder the code under test writes into: a real copy
+        shutil.copytree(home, out)
+        target = out
+    elif home.is_dir():
+        out.mkdir()
         for f in home.iterdir():
             if f.name != file and not (isinstance(content, Files) and f.name in content):
                 (out / f.name).symlink_to(f)
         target = out
     else:
+        out.mkdir()
         target = out / home.name
     for name, data in (content if isinstance(content, Files) else Files({file: content})).items():
         if isinstance(data, dict):
@@ -647,12 +661,13 @@ def make_case(seed: dict, root: Path, case_id: int, file: str, desc: str, conten
     where = case_dir(seed, root, case_id, file, content)
     path = seed.get("path", str(where))
     adapters = [a.replace("{case}", str(where)) for a in seed.get("adapters", [])]
-    return dict(id=case_id, target=seed["target"], path=path, adapters=adapters, desc=f"{file}: {desc}",
-                names=[str(where.parent if where.is_file() else where)], **extra)
+    folder = where.parent if where.is_file() else where
+    return dict(id=case_id, target=extra.pop("target", seed["target"]), path=path, adapters=adapters,
+                desc=f"{file}: {desc}", names=[str(folder)], work=str(folder), **extra)
 
 
 def draws(fmt: str) -> int:
-    return {"gguf": 40, "safetensors": 20, "bin": 12, "json": 8, "text": 12}[fmt]
+    return {"gguf": 40, "safetensors": 20, "bin": 12, "json": 8, "text": 12, "blob": 4}[fmt]
 
 
 def generate(seeds: dict, root: Path, round_: int) -> list:
@@ -675,8 +690,12 @@ def generate(seeds: dict, root: Path, round_: int) -> list:
                 elif fmt == "bin":
                     desc, content = crafted_state(seed["states"][file], rng) if rng.random() < 0.6 \
                         else mutate_bytes(data, rng)
+                elif fmt == "blob":
+                    desc, content = mutate_bytes(data, rng)
                 else:
                     desc, content = mutate_text(data, rng)
+                if seed["target"] == "model" and rng.random() < 0.2:
+                    extra["target"] = "cli"  # the same load, through the command line
                 case_id = (round_ + 1) * 1_000_000 + len(cases)  # seeds 800_000 +, regressions 900_000 +
                 cases.append(make_case(seed, root, case_id, file, desc, content, **extra))
     return cases

@@ -248,6 +248,7 @@ def test_unsupported_config_names_the_file(good_dir):
     ('{"weight_map": {}}', "weight_map"),
     ('{"weight_map": {"model.norm.weight": "../outside.safetensors"}}', "invalid shard file name"),
     ('{"weight_map": {"model.norm.weight": "gone.safetensors"}}', "'gone.safetensors' does not exist"),
+    ('{"weight_map": {"model.norm.weight": "%s"}}' % ("x" * 5000), "does not exist"),  # too long to look up
 ])
 def test_bad_index(good_dir, index, match):
     d, _ = good_dir
@@ -364,3 +365,14 @@ def test_a_device_torch_or_this_machine_lacks_is_a_config_error(tmp_path, device
     d = save_dir(tiny_hf_model(), tmp_path / "m", "safetensors")
     with pytest.raises(ConfigError, match="device"):
         hf.load_pretrained(d, device=device)
+
+
+def test_an_adapter_naming_a_file_that_is_no_model_as_base_is_refused_naming_the_adapter(tmp_path):
+    """A fuzz find: base_model_name_or_path "../../etc/passwd" exists, and the error named only it."""
+    a = tmp_path / "a"
+    a.mkdir()
+    (tmp_path / "notes.txt").write_text("not a model")
+    config = {"peft_type": "LORA", "base_model_name_or_path": str(tmp_path / "notes.txt")}
+    (a / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"/a: this adapter folder names its base model as .*notes"):
+        hf.load_pretrained(a)

@@ -142,6 +142,13 @@ MALFORMED = {
     "unknown_dtype": dict(header={"t": {**GOOD, "dtype": "F128"}}, data=DATA),
     "dtype_not_string": dict(header={"t": {**GOOD, "dtype": ["F32"]}}, data=DATA),
     "deeply_nested_json": dict(header=b"[" * 100_000 + b"]" * 100_000),
+    "nan_is_not_json": dict(header=b'{"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": NaN}}',
+                            data=DATA),
+    "trailing_bytes": dict(header={"t": GOOD}, data=DATA + b"\x00"),
+    "empty_but_too_large": dict(header={"t": GOOD, "e": {"dtype": "F32", "shape": [0, 2**64],
+                                                          "data_offsets": [8, 8]}}, data=DATA),
+    "lone_surrogate": dict(header=b'{"__metadata__": {"a": "\\ud800"}, "t": %s}' % json.dumps(GOOD).encode(),
+                           data=DATA),
     "negative_shape": dict(header={"t": {**GOOD, "shape": [-2]}}, data=DATA),
     "shape_not_list": dict(header={"t": {**GOOD, "shape": "2"}}, data=DATA),
     "float_offset": dict(header={"t": {**GOOD, "data_offsets": [0.0, 8]}}, data=DATA),
@@ -231,3 +238,22 @@ def test_gaps_between_tensors_are_refused_as_the_library_does(tmp_path):
         safetensors_torch.load_file(str(path))
     with pytest.raises(CheckpointError, match="tensor 't' starts at byte 4.*gap"):
         load_file(path)
+
+
+def test_fp8_and_unsigned_dtypes_read_bit_exact_both_ways(tmp_path):
+    """Every dtype the library writes that torch has: FP8 checkpoints, unsigned 16/32/64-bit."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"e4m3": torch.randn(4, 8, generator=g).to(torch.float8_e4m3fn),
+               "e5m2": torch.randn(3, generator=g).to(torch.float8_e5m2),
+               "u16": torch.tensor([0, 1, 65535]).to(torch.uint16),
+               "u32": torch.tensor([0, 2**32 - 1]).to(torch.uint32),
+               "u64": torch.tensor([0, 2**63 - 1]).to(torch.uint64)}
+    path = tmp_path / "ref.safetensors"
+    safetensors_torch.save_file(tensors, str(path))
+    ours = load_file(path)
+    assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in tensors.items()}
+    for name, t in ours.items():
+        assert torch.equal(t.view(torch.uint8), tensors[name].view(torch.uint8)), name
+    save_file(tensors, tmp_path / "ours.safetensors")
+    back = safetensors_torch.load_file(str(tmp_path / "ours.safetensors"))
+    assert all(torch.equal(back[k].view(torch.uint8), tensors[k].view(torch.uint8)) for k in tensors)

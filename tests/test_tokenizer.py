@@ -249,6 +249,7 @@ def test_bad_arguments_raise_typed_errors(call, error, match):
     ({"tokenizer.json": None, "tokenizer_config.json": b'{"bos_token": 5}'}, "bos_token must be"),
     ({"tokenizer.json": None, "special_tokens_map.json": b'{"eos_token": "<nope>"}'}, "'<nope>' is not in"),
     ({"tokenizer.json": None, "tokenizer_config.json": b'{"add_bos_token": "yes"}'}, "add_bos_token"),
+    ({"tokenizer.json": None, "special_tokens_map.json": b'{"pad_token": "\\ud800"}'}, "pad_token is not"),
 ])
 def test_bad_folders_raise_checkpoint_errors_naming_the_file(tmp_path, files, match):
     for name, content in files.items():

@@ -137,3 +137,20 @@ def test_a_compressed_record_is_refused_before_it_is_read(tmp_path):
             dst.writestr(info.filename, src.read(info))
     with pytest.raises(CheckpointError, match=r"packed\.bin: record .* is compressed"):
         load_torch_bin(packed)
+
+
+def test_a_damaged_zip_end_record_is_a_checkpoint_error(tmp_path):
+    """Two flipped bytes made Python's zipfile.is_zipfile itself raise ("zipfiles that span multiple
+    disks are not supported"): the first fuzz find in a .bin."""
+    import zipfile
+    good = tmp_path / "good.bin"
+    torch.save(state_dict(), good)
+    data = bytearray(good.read_bytes())
+    end = data.rindex(b"PK\x06\x07")  # the zip64 end-of-central-directory locator
+    data[end + 4:end + 8] = (1).to_bytes(4, "little")  # "the central directory is on disk 1"
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.is_zipfile(bad)
+    with pytest.raises(CheckpointError, match=r"bad\.bin: a damaged zip archive"):
+        load_torch_bin(bad)

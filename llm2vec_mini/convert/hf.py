@@ -33,7 +33,7 @@ from torch import nn
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import LlamaForCausalLM, rope_inv_freq
-from ..util import PathLike, decoder_of, read_json, torch_device
+from ..util import PathLike, decoder_of, is_dir, is_file, read_json, torch_device
 from .checks import Stored, check_fits, check_tokenizer
 from .gguf import load_gguf
 from .hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
@@ -79,10 +79,10 @@ def load_pretrained(path: PathLike, adapters: Iterable[PathLike] = (), dtype: to
         seen.append(path.resolve())
         adapters.insert(0, path)
         path = adapter_base(path)
-    if path.is_file() and path.suffix == ".gguf":
+    if is_file(path) and path.suffix == ".gguf":
         model, tokenizer = load_gguf(path, dtype=dtype)
         model.to(device)
-    elif path.is_dir():
+    elif is_dir(path):
         config = read_config(path)
         tokenizer = load_hf_tokenizer(path, config)  # before the weights: a bad tokenizer fails fast
         check_tokenizer(tokenizer, config, path / "tokenizer.json")
@@ -96,18 +96,19 @@ def load_pretrained(path: PathLike, adapters: Iterable[PathLike] = (), dtype: to
 
 def is_adapter_folder(path: Path) -> bool:
     """A folder with adapter_config.json and no model weights: an adapter, standing in for its base."""
-    return path.is_dir() and (path / "adapter_config.json").is_file() and \
-        not any((path / f).is_file() for f in WEIGHT_FILES)
+    return is_dir(path) and is_file(path / "adapter_config.json") and \
+        not any(is_file(path / f) for f in WEIGHT_FILES)
 
 
 def adapter_base(adapter_dir: Path) -> Path:
     """The local base model an adapter folder names in adapter_config.json (base_model_name_or_path)."""
     config = read_json(adapter_dir / "adapter_config.json")
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    if not isinstance(base, str) or not base or not Path(base).exists():
-        raise CheckpointError(f"this adapter folder names its base model as {base!r}, which is not a "
-                              f"local path; pass the base model as the path and this folder as the "
-                              f"first adapter", adapter_dir)
+    is_model = isinstance(base, str) and (is_dir(base) or (is_file(base) and base.endswith(".gguf")))
+    if not is_model:
+        raise CheckpointError(f"this adapter folder names its base model as {base!r:.200}, which is not a "
+                              f"local path to a model folder or .gguf file; pass the base model as the "
+                              f"path and this folder as the first adapter", adapter_dir)
     return Path(base)
 
 
@@ -191,7 +192,7 @@ def find_weights(model_dir: Path) -> Tuple[Path, Dict[Path, List[str]]]:
                 Path(shard_name).name != shard_name or "\\" in shard_name:
             raise CheckpointError(f"tensor {name!r}: invalid shard file name {shard_name!r}", path)
         shard = model_dir / shard_name
-        if not shard.is_file():
+        if not is_file(shard):
             raise CheckpointError(f"tensor {name!r}: shard {shard_name!r} does not exist", path)
         shards.setdefault(shard, []).append(name)
     return path, shards

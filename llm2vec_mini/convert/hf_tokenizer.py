@@ -31,8 +31,8 @@ from typing import Any, Dict, Optional
 
 import tokenizers
 
-from ..errors import CheckpointError
-from ..tokenizer import Tokenizer, added_by_post_processor, bos_eos_template, rust_errors
+from ..errors import CheckpointError, DataError
+from ..tokenizer import Tokenizer, added_by_post_processor, bos_eos_template, check_text, rust_errors
 from ..util import PathLike, is_int, read_json
 
 
@@ -168,9 +168,14 @@ def _write_legacy_merges(file: Path) -> None:
 
 def _token_content(value: Any, field: str, where: Optional[Path]) -> Optional[str]:
     """A special token as the files write it: "<s>", {"content": "<s>", ...} or null."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
+    content = value["content"] if isinstance(value, dict) and isinstance(value.get("content"), str) else value
+    if content is None:
+        return None
+    if isinstance(content, str):
+        try:
+            check_text(content, field)  # a lone surrogate (JSON may write "\ud800") is no token
+        except DataError as e:
+            raise CheckpointError(str(e), where) from None
+        return content
     raise CheckpointError(f"{field} must be a string or an object with a 'content' string, got {value!r}",
                           where)

@@ -50,6 +50,11 @@ DTYPES: Dict[str, tuple] = {
     "I8": (torch.int8, 1),
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
+    "U64": (torch.uint64, 8),
+    "U32": (torch.uint32, 4),
+    "U16": (torch.uint16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
 }
 _NAME_OF = {dtype: name for name, (dtype, _) in DTYPES.items()}
 
@@ -112,7 +117,7 @@ class SafetensorsFile:
         raise CheckpointError(message, self.path)
 
     def _parse_header(self, header_bytes: bytes):
-        header = parse_json(header_bytes, self.path, object_pairs_hook=_no_duplicate_keys)
+        header = parse_json(header_bytes, self.path, object_pairs_hook=_no_duplicate_keys, strict=True)
         if not isinstance(header, dict):
             self._fail(f"header must be a JSON object, got {type(header).__name__}")
 
@@ -155,6 +160,8 @@ class SafetensorsFile:
                        f"(known: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             self._fail(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        if math.prod(d for d in shape if d) >= 2**63:  # torch's strides are int64, an empty tensor's too
+            self._fail(f"tensor {name!r}: shape {shape} is too large for any tensor")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(is_int(o) for o in offsets)):
             self._fail(f"tensor {name!r}: data_offsets must be two integers, got {offsets!r}")

@@ -38,7 +38,10 @@ def load_torch_bin(path) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise CheckpointError("no such file", path)
     # Zip archives (every torch.save since 1.6) can be memory-mapped; legacy pickles cannot.
-    mmap = zipfile.is_zipfile(path)
+    try:
+        mmap = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:  # a damaged end record can raise here too
+        raise CheckpointError(f"a damaged zip archive ({e})", path) from None
     if mmap:
         _check_records(path)
     try:
@@ -80,8 +83,8 @@ def _check_records(path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
-        return  # torch.load will say what is wrong with the archive
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as e:
+        raise CheckpointError(f"a damaged zip archive ({type(e).__name__}: {e})", path) from None
     if packed:
         raise CheckpointError(f"record {packed[0]!r} is compressed, which torch.save never does: it could "
                               f"expand to any size when read", path)
