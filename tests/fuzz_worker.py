@@ -121,9 +121,9 @@ def safetensors_file(case):
         theirs = e
     try:
         ours = load_file(case["path"])
-    except Llm2VecMiniError:
-        if isinstance(theirs, dict) and not case.get("duplicate_key"):
-            return "we refuse a file the safetensors library reads"
+    except Llm2VecMiniError as e:
+        if isinstance(theirs, dict) and "duplicate key" not in str(e):
+            return f"we refuse a file the safetensors library reads ({e})"
         raise
     if not isinstance(theirs, dict):
         return f"we read a file the safetensors library refuses ({theirs})"

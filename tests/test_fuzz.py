@@ -473,7 +473,6 @@ def mutate_bytes(data: bytes, rng: random.Random):
 
 
 def mutate_safetensors(data: bytes, rng: random.Random):
-    """-> (description, bytes, duplicate key?)"""
     n = int.from_bytes(data[:8], "little")
     header, body = json.loads(data[8:8 + n]), data[8 + n:]
 
@@ -485,7 +484,7 @@ def mutate_safetensors(data: bytes, rng: random.Random):
     op = rng.choice(["length", "length", "entry", "entry", "entry", "header", "bytes"])
     if op == "length":
         value = rng.choice(POWERS + [n - 1, n + 1, n - 8, len(data) - 8, len(data)])
-        return f"header length {n} -> {value}", value.to_bytes(8, "little") + data[8:], False
+        return f"header length {n} -> {value}", value.to_bytes(8, "little") + data[8:]
     tensors = [k for k in header if k != "__metadata__"]
     name = rng.choice(tensors)
     entry = header[name]
@@ -507,12 +506,12 @@ def mutate_safetensors(data: bytes, rng: random.Random):
                 header.pop(name)
         else:  # the same key twice: readers may see different tensors
             text = json.dumps(header)[:-1] + f", {json.dumps(name)}: {json.dumps(entry)}}}"
-            return f"tensor {name!r} written twice", pack(header, text.encode()), True
-        return f"tensor {name!r}: {change} -> {entry}", pack(header), False
+            return f"tensor {name!r} written twice", pack(header, text.encode())
+        return f"tensor {name!r}: {change} -> {entry}", pack(header)
     if op == "header":
         desc, text = mutate_json(json.dumps(header).encode(), rng)
-        return f"header {desc}", pack(None, text), False
-    return (*mutate_bytes(data, rng), False)
+        return f"header {desc}", pack(None, text)
+    return mutate_bytes(data, rng)
 
 
 # GGUF values of every kind, to put where another kind is expected
@@ -683,8 +682,7 @@ def generate(seeds: dict, root: Path, round_: int) -> list:
                 if fmt == "gguf":
                     desc, content = mutate_gguf(seed, rng)
                 elif fmt == "safetensors":
-                    desc, content, duplicate = mutate_safetensors(data, rng)
-                    extra["duplicate_key"] = duplicate
+                    desc, content = mutate_safetensors(data, rng)
                 elif fmt == "json":
                     desc, content = mutate_json(data, rng)
                 elif fmt == "bin":

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 from conftest import ggml_vocab_cases, shared_data_dir
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as RawTokenizer
 
 from llm2vec_mini.config import LlamaConfig
@@ -332,3 +332,13 @@ def test_panics_become_checkpoint_errors_and_nothing_else_is_swallowed():
     with pytest.raises(KeyboardInterrupt):
         with rust_errors("broken", "tok.json"):
             raise KeyboardInterrupt
+
+
+def test_a_regex_that_backtracks_forever_is_a_checkpoint_error_not_a_hang():
+    """tokenizer.json may carry any Split regex; oniguruma gives up after its retry limit and panics,
+    which becomes a CheckpointError naming the file, in a fraction of a second."""
+    raw = RawTokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"(\w+\s?)+$"), behavior="isolated")
+    tok = Tokenizer(raw, path="tokenizer.json")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: the tokenizer cannot encode this text"):
+        tok.encode("word " * 30 + "!")
