@@ -216,9 +216,9 @@ def test_an_output_of_the_wrong_kind_is_refused_before_any_work(tiny_llama_dir, 
 def test_a_programming_error_keeps_its_traceback(tiny_llama_dir, tmp_path, monkeypatch):
     """Only our typed errors (and a missing file) are bad input; a bug must show where it is."""
     from llm2vec_mini import encoder
-    monkeypatch.setattr(encoder.LLM2Vec, "from_pretrained", lambda *a, **k: {}["a bug"])
+    monkeypatch.setattr(encoder.LLM2Vec, "from_pretrained", lambda *a, **k: int("a bug"))  # a ValueError
     texts = tmp_path / "texts.txt"
     texts.write_text("a text\n")
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="a bug"):
         main(["encode", "--model", str(tiny_llama_dir), "--input", str(texts), "--output",
               str(tmp_path / "e.npy"), "--device", "cpu"])
