@@ -49,6 +49,7 @@ class Tokenizer:
             raise TypeError(f"expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
         self.path = None if path is None else str(path)
+        self._n_ids = (None, 0)  # (vocab_size, n_ids) when n_ids was last computed
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
             if value is not None and not (is_int(value) and 0 <= value < self.vocab_size):
                 raise ConfigError(f"{name} must be None or a token id below {self.vocab_size}, got {value!r}",
@@ -69,6 +70,16 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (the rows an embedding matrix needs at least)."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def n_ids(self) -> int:
+        """The largest id the tokenizer can produce, plus one: the rows an embedding really needs (a
+        vocabulary may skip ids, so this can exceed `vocab_size`). Remembered while the size stays."""
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if self._n_ids[0] != size:
+            ids = self.tokenizer.get_vocab(with_added_tokens=True).values()  # ~40 ms for 50k tokens
+            self._n_ids = (size, max(ids, default=-1) + 1)
+        return self._n_ids[1]
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "

@@ -117,10 +117,9 @@ def check_fits(config: LlamaConfig, stored: Dict[str, Stored], data_bytes: int, 
 def check_tokenizer(tokenizer: Tokenizer, config: LlamaConfig, path: Optional[Path] = None) -> None:
     """CheckpointError unless every id the tokenizer can produce is below the model's vocab_size (a
     tokenizer may have fewer ids than the embedding has rows, as padded vocabularies do, never more)."""
-    vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
-    n_ids = max(vocab.values(), default=-1) + 1
+    n_ids = tokenizer.n_ids
     if n_ids > config.vocab_size:
-        biggest = max(vocab, key=vocab.get)
+        biggest = tokenizer.id_to_token(n_ids - 1)
         raise CheckpointError(f"the tokenizer has ids up to {n_ids - 1} ({biggest!r}), but the model's "
                               f"vocabulary has {config.vocab_size} rows (vocab_size): such ids have no "
                               f"embedding", path)
