@@ -46,15 +46,16 @@ def _check_output(path, flag: str, folder: bool) -> None:
     A directory where a file is expected, a file where a folder is expected, or a file on the way
     to either, is a ConfigError naming the option, not a traceback after minutes of work.
     """
+    from .util import is_dir, is_file
     path = Path(path)
-    if folder and path.exists() and not path.is_dir():
+    if folder and is_file(path):
         raise ConfigError(f"{flag} {path}: an existing file, where a folder is expected")
-    if not folder and path.is_dir():
+    if not folder and is_dir(path):
         raise ConfigError(f"{flag} {path}: a folder, where a file is expected")
-    parent = next((p for p in path.parents if p.exists()), None)  # the nearest existing ancestor
-    if parent is not None and not parent.is_dir():
+    parent = next((p for p in path.parents if is_dir(p) or is_file(p)), None)  # the nearest that exists
+    if parent is not None and is_file(parent):
         raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not folder and not path.parent.is_dir():
+    if not folder and not is_dir(path.parent):
         raise ConfigError(f"{flag} {path}: its folder {path.parent} does not exist")
 
 
