@@ -399,6 +399,9 @@ def test_truncated_metadata_and_absurd_lengths(tmp_path):
     raises(build(tmp_path / "longkey.gguf", kvs=[struct.pack("<Q", 2**62) + b"abc"]), "truncated")
     array = struct.pack("<IQ", 4, 2**60) + b"\0" * 8
     raises(build(tmp_path / "longarray.gguf", kvs=[kv("a", 9, array)]), "array of 1152921504606846976")
+    # an array the file does hold, but whose 2^24 + 1 numbers would take ten times their bytes as Python ints
+    array = struct.pack("<IQ", 0, 2**24 + 1) + b"\0" * (2**24 + 1)
+    raises(build(tmp_path / "bigarray.gguf", kvs=[kv("a", 9, array)]), "longer than any metadata array")
     strings = struct.pack("<IQ", 8, 3) + s("x") + struct.pack("<Q", 2**40)
     raises(build(tmp_path / "longstring.gguf", kvs=[kv("tokens", 9, strings)]), r"tokens'\[1\]")
     raises(build(tmp_path / "ntensors.gguf", n_tensors=2**60), "tensor infos")

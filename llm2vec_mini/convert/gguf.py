@@ -48,6 +48,7 @@ SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is long gone
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 8  # arrays of arrays of ... deeper than this are not a real file
+MAX_ARRAY = 1 << 24  # elements of one metadata array; the largest vocabularies have a few 100,000
 
 # ggml type id -> (name, weights per block, bytes per block). Every type a file may hold, so the
 # reader can size any tensor; `dequantize` supports the subset in _DEQUANTISERS.
@@ -157,6 +158,9 @@ class _Cursor:
         if depth >= MAX_NESTING:
             raise CheckpointError(f"{what} nests arrays deeper than {MAX_NESTING}", self.path)
         etype, count = self.scalar("I", what), self.scalar("Q", what)
+        if count > MAX_ARRAY:  # read as Python values, an element costs up to 10x its bytes
+            raise CheckpointError(f"{what} (an array of {count} elements) is longer than any metadata "
+                                  f"array needs ({MAX_ARRAY})", self.path)
         # The smallest element is 1 byte (8 for a string's length, 12 for an array's header), so
         # a count the rest of the file cannot hold is caught here, before anything is allocated.
         min_size = np.dtype(_SCALARS[etype]).itemsize if etype in _SCALARS else 8 if etype == _STRING else 12
