@@ -35,17 +35,31 @@ def _encoder(args):
 def _device(args) -> str:
     """--device, checked: a name torch knows, and CUDA only where there is a GPU; default CUDA if any."""
     import torch
+
+    from .util import torch_device
     if args.device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device: unknown device {args.device!r} (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: this machine has no CUDA GPU that torch can use")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {args.device}: there are only {torch.cuda.device_count()} GPUs")
+    torch_device(args.device, "--device")
     return args.device
+
+
+def _check_output(path, flag: str, folder: bool) -> None:
+    """Before any work: `path` can be written as a file (folder=False) or a folder (folder=True).
+
+    A directory where a file is expected, a file where a folder is expected, or a file on the way
+    to either, is a ConfigError naming the option, not a traceback after minutes of work.
+    """
+    from .util import is_dir, is_file
+    path = Path(path)
+    if folder and is_file(path):
+        raise ConfigError(f"{flag} {path}: an existing file, where a folder is expected")
+    if not folder and is_dir(path):
+        raise ConfigError(f"{flag} {path}: a folder, where a file is expected")
+    parent = next((p for p in path.parents if is_dir(p) or is_file(p)), None)  # the nearest that exists
+    if parent is not None and is_file(parent):
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not folder and not is_dir(path.parent):
+        raise ConfigError(f"{flag} {path}: its folder {path.parent} does not exist")
 
 
 def _with_instruction(texts, instruction):
@@ -64,6 +78,7 @@ def _cmd_download(args) -> int:
 def _cmd_encode(args) -> int:
     from .corpus import encode_corpus
     from .distributed import init_distributed, world
+    _check_output(args.output, "--output", folder=False)
     init_distributed(_device(args))  # under torchrun: join the group before the model picks its GPU
     run = encode_corpus(_encoder(args), args.input, args.output, instruction=args.instruction,
                         format=args.format, batch_size=args.batch_size, chunk_size=args.chunk_size,
@@ -77,6 +92,8 @@ def _cmd_encode(args) -> int:
 def _cmd_eval_sts(args) -> int:
     from .data import load_sts
     from .evaluate import evaluate_sts, format_table
+    if args.output:
+        _check_output(args.output, "--output", folder=False)
     subsets = load_sts(args.data, format=args.format)
     enc = _encoder(args)
     results = evaluate_sts(lambda s: enc.encode(_with_instruction(s, args.instruction),
@@ -146,6 +163,7 @@ def _lora_settings(args):
 
 def _cmd_train_mntp(args) -> int:
     from .recipes import MNTPSettings, train_mntp
+    _check_output(args.output, "--output", folder=True)
     mntp = MNTPSettings(block_size=args.block_size, mask_ratio=args.mask_ratio, all_mask=args.all_mask,
                         max_blocks=args.max_blocks)
     out = train_mntp(args.model, args.data, args.output, _train_config(args), mntp, _lora_settings(args),
@@ -156,6 +174,7 @@ def _cmd_train_mntp(args) -> int:
 
 def _cmd_train_simcse(args) -> int:
     from .recipes import SimCSESettings, train_simcse
+    _check_output(args.output, "--output", folder=True)
     simcse = SimCSESettings(max_length=args.max_length, pooling=args.pooling, scale=args.scale,
                             attention_dropout=args.attention_dropout)
     out = train_simcse(args.model, args.adapter, args.data, args.output, _train_config(args), simcse,
@@ -167,6 +186,8 @@ def _cmd_train_simcse(args) -> int:
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
+    if args.out:
+        _check_output(args.out, "--out", folder=True)
     return run_demo(args)
 
 
@@ -306,6 +327,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (Llm2VecMiniError, FileNotFoundError, ValueError) as e:
+    except (Llm2VecMiniError, FileNotFoundError) as e:  # bad input; anything else is a bug: its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -114,7 +114,7 @@ def parse_line(raw: bytes, format: str, where: str) -> Tuple[Optional[str], str]
         return None, line.strip()
     if not line.strip():
         raise DataError('an empty line; expected a JSON object with a "text" string', where)
-    value = parse_json(line, DataError, where)
+    value = parse_json(line, where, DataError, what="valid JSON")
     if not isinstance(value, dict):
         raise DataError(f'expected a JSON object with a "text" string, got {type(value).__name__}', where)
     if "text" not in value:

@@ -26,7 +26,7 @@ from .config import LlamaConfig
 from .convert.hf import load_pretrained
 from .data import STSSubset, load_sts, read_lines
 from .encoder import LLM2Vec
-from .errors import DownloadError
+from .errors import ConfigError, DownloadError
 from .evaluate import evaluate_sts
 from .hub import DATA_URL_ENV, download_data, download_smollm2, find_data_dir, groups_of
 from .model import LlamaForCausalLM
@@ -219,7 +219,7 @@ def _chart(out: Path, results: dict, smoke: bool = False) -> bool:
 def run_demo(args) -> int:
     t0 = time.time()
     if not 0 < args.budget_minutes < 24 * 60:
-        raise ValueError(f"--budget-minutes must be positive and under a day, got {args.budget_minutes}")
+        raise ConfigError(f"--budget-minutes must be positive and under a day, got {args.budget_minutes}")
     if getattr(args, "recipe", "demo") == "reproduce":
         recipe = REPRODUCE  # its own, fixed budget (about half an hour); --budget-minutes does not apply
     else:

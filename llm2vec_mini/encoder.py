@@ -28,16 +28,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .convert.checks import check_tokenizer
 from .convert.hf import load_pretrained, save_hf_dir
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .ops import fuse_projections
 from .pooling import POOLING_MODES, append_eos, pool
-from .util import decoder_of, is_int, left_pad, read_json
+from .tokenizer import Tokenizer, check_text
+from .util import decoder_of, is_int, left_pad, read_json, torch_device
 
 SEPARATOR = "!@#$%^&*()"  # the official marker between instruction and text
 # The settings files beside the weights or in an adapter folder. The official library passes every
@@ -61,11 +63,11 @@ class LLM2Vec:
     def __init__(self, model, tokenizer, pooling: str = "mean", bidirectional: bool = True,
                  max_length: int = 512, doc_max_length: int = 400, skip_instruction: bool = True,
                  device=None):
-        if pooling not in POOLING_MODES:
-            raise ConfigError(f"pooling: unknown mode {pooling!r}; choose from {', '.join(POOLING_MODES)}")
-        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length)):
-            if not is_int(value) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        check_settings({"pooling_mode": pooling, "max_length": max_length, "doc_max_length": doc_max_length,
+                        "skip_instruction": skip_instruction, "bidirectional": bidirectional})
+        if not isinstance(tokenizer, Tokenizer):
+            raise ConfigError(f"tokenizer must be an llm2vec_mini Tokenizer, got {type(tokenizer).__name__}")
+        device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = decoder_of(model)  # the LlamaModel; lm_head is not needed here
         self._full_model = model  # kept so that `save` writes an untied lm_head too
         self.tokenizer = tokenizer
@@ -73,13 +75,14 @@ class LLM2Vec:
         self.skip_instruction = skip_instruction
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
         if self.pad_id is None:
-            raise ConfigError("the tokenizer has no eos (or pad) token to pad with")
+            raise ConfigError("the tokenizer has no eos (or pad) token to pad with", tokenizer.path)
         if pooling == "bos_token" and not (tokenizer.add_bos and tokenizer.bos_id is not None):
             raise ConfigError("pooling: 'bos_token' needs a tokenizer that puts a BOS token first; "
-                             "this one does not (it would pool the first word instead)")
+                              "this one does not (it would pool the first word instead)", tokenizer.path)
         if pooling == "eos_token" and tokenizer.eos_id is None:
-            raise ConfigError("pooling: 'eos_token' needs a tokenizer with an eos token")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            raise ConfigError("pooling: 'eos_token' needs a tokenizer with an eos token", tokenizer.path)
+        check_tokenizer(tokenizer, self.model.config, tokenizer.path)  # every id has an embedding row
+        self.device = device
         self.model.to(self.device).eval().set_causal(not bidirectional)
         fuse_projections(self.model)  # q/k/v and gate/up as one GEMM each when encoding; same values
 
@@ -106,6 +109,10 @@ class LLM2Vec:
             raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if isinstance(adapters, (str, os.PathLike)):  # one adapter folder
             adapters = [adapters]
+        check_settings({k: v for k, v in {"pooling_mode": pooling, "bidirectional": bidirectional,
+                                           "max_length": max_length, "doc_max_length": doc_max_length,
+                                           "skip_instruction": skip_instruction}.items() if v is not None})
+        device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, tokenizer = load_pretrained(path, adapters=adapters, dtype=dtype)
         settings = dict(DEFAULTS)
         for where in [Path(path)] + [Path(a) for a in adapters]:
@@ -176,7 +183,7 @@ class LLM2Vec:
 
     def prepare(self, sentences) -> list[tuple[list[int], int]]:
         """Validate inputs and tokenise: one (ids, n_pooled) per sentence."""
-        out = []
+        pairs = []  # every item is checked before any is tokenised
         for i, item in enumerate(sentences):
             if isinstance(item, str):
                 instruction, text = "", item
@@ -185,9 +192,14 @@ class LLM2Vec:
                 instruction, text = item
             else:
                 raise ConfigError(f"sentences[{i}] must be a string or an [instruction, text] pair of "
-                                 f"two strings, got {item!r:.80}")
-            out.append(self._tokenize(*self._join(instruction, text)))
-        return out
+                                  f"two strings, got {item!r:.80}")
+            for part in (instruction, text):
+                try:
+                    check_text(part, f"sentences[{i}]")
+                except DataError as e:
+                    raise ConfigError(str(e)) from None
+            pairs.append((instruction, text))
+        return [self._tokenize(*self._join(instruction, text)) for instruction, text in pairs]
 
     def collate(self, items: list[tuple[list[int], int]]):
         """Left-pad a batch: input_ids, attention_mask, embed_mask, each (B, T)."""
@@ -212,6 +224,9 @@ class LLM2Vec:
         """
         if isinstance(sentences, str):
             sentences = [sentences]
+        if isinstance(sentences, (bytes, dict, set, frozenset)) or not isinstance(sentences, Iterable):
+            raise ConfigError(f"sentences must be a string or a list of strings and [instruction, text] "
+                              f"pairs, got a {type(sentences).__name__}")
         if not is_int(batch_size) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if convert_to not in ("numpy", "torch"):
@@ -251,7 +266,8 @@ def write_settings(folder, settings: dict) -> None:
 
 
 def read_settings(folder) -> dict:
-    """Whatever settings files `folder` holds (ours or the official library's), as one dict."""
+    """Whatever settings files `folder` holds (ours or the official library's), as one dict, each
+    field checked as `check_settings` does (ConfigError naming the file and the field)."""
     found = {}
     for name in (CONFIG_FILE, ATTENTION_FILE):
         file = Path(folder) / name
@@ -261,5 +277,19 @@ def read_settings(folder) -> dict:
             if unknown:
                 raise ConfigError(f"expected an object with some of {', '.join(DEFAULTS)}, got "
                                   f"{value!r:.120}", file)
+            check_settings(value, file)
             found.update(value)
     return found
+
+
+def check_settings(settings: dict, file=None) -> None:
+    """ConfigError naming the field (and the file) for a setting of the wrong type or value. JSON's
+    "false" is a string, and a string is true in Python: a flag must be true or false, not a word."""
+    for name, value in settings.items():
+        if name == "pooling_mode" and not (isinstance(value, str) and value in POOLING_MODES):
+            raise ConfigError(f"pooling_mode: unknown mode {value!r:.80}; choose from "
+                              f"{', '.join(POOLING_MODES)}", file)
+        if name in ("max_length", "doc_max_length") and not (is_int(value) and value >= 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r:.80}", file)
+        if name in ("skip_instruction", "bidirectional") and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r:.80}", file)

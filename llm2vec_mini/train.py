@@ -40,7 +40,7 @@ from .convert.peft import load_adapter, save_adapter
 from .distributed import world
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .lora import lora_layers
-from .util import decoder_of, derive_seed, generator, read_json
+from .util import decoder_of, derive_seed, generator, is_int, read_json
 
 
 @dataclass
@@ -173,10 +173,18 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False, o
     start = 0
     if ckpt is not None:
         state = read_json(ckpt / "trainer_state.json", error=CheckpointError, expect=dict)
+        for key in ("step", "metrics_lines"):
+            if not (is_int(state.get(key)) and state[key] >= 0):
+                raise CheckpointError(f"{key} must be a non-negative integer, got {state.get(key)!r:.80}",
+                                      ckpt / "trainer_state.json")
         load_adapter(model, ckpt)  # replaces the LoRA weights with the saved ones
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        try:
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        except Exception as e:  # unpickling refused, a truncated file, states that do not fit the LoRA layers
+            raise CheckpointError(f"cannot restore the optimizer ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:200]})", ckpt / "optimizer.pt") from None
         start = state["step"]
         if rank == 0 and metrics_path.exists():  # drop log lines written after that checkpoint
             lines = metrics_path.read_text().splitlines(keepends=True)[: state["metrics_lines"]]

@@ -214,3 +214,44 @@ def test_eval_mteb_without_mteb_says_how_to_install_it(tiny_llama_dir, monkeypat
     monkeypatch.delitem(sys.modules, "llm2vec_mini.mteb", raising=False)
     assert main(["eval-mteb", "--model", str(tiny_llama_dir), "--tasks", "STSBenchmark"]) == 2
     assert 'pip install "llm2vec-mini[mteb]"' in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue 16, class 13: every output path is checked before any work starts
+
+
+@pytest.mark.parametrize("command, output, match", [
+    (["encode", "--input", "{texts}"], "{folder}", "a folder, where a file is expected"),
+    (["encode", "--input", "{texts}"], "{folder}/missing/emb.npy", "does not exist"),
+    (["encode", "--input", "{texts}"], "{file}/emb.npy", "is a file, not a folder"),
+    (["eval-sts", "--data", "{texts}"], "{folder}", "a folder, where a file is expected"),
+    (["train-mntp", "--data", "{texts}"], "{file}", "an existing file, where a folder is expected"),
+    (["train-simcse", "--data", "{texts}"], "{file}", "an existing file, where a folder is expected"),
+    (["train-simcse", "--data", "{texts}"], "{file}/run", "is a file, not a folder"),
+])
+def test_an_output_of_the_wrong_kind_is_refused_before_any_work(tiny_llama_dir, tmp_path, capsys, monkeypatch,
+                                                                command, output, match):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n")
+    a_file, folder = tmp_path / "existing.npy", tmp_path / "out"
+    a_file.write_text("x")
+    folder.mkdir()
+    names = {"texts": str(texts), "file": str(a_file), "folder": str(folder)}
+    from llm2vec_mini.convert import hf
+    monkeypatch.setattr(hf, "load_hf_model", lambda *a, **k: pytest.fail("work started"))
+    args = [part.format(**names) for part in command] + ["--model", str(tiny_llama_dir), "--device", "cpu"]
+    flag = "--out" if command[0] == "demo" else "--output"
+    assert main(args + [flag, output.format(**names)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
+def test_a_programming_error_keeps_its_traceback(tiny_llama_dir, tmp_path, monkeypatch):
+    """Only our typed errors (and a missing file) are bad input; a bug must show where it is."""
+    from llm2vec_mini import encoder
+    monkeypatch.setattr(encoder.LLM2Vec, "from_pretrained", lambda *a, **k: int("a bug"))  # a ValueError
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a text\n")
+    with pytest.raises(ValueError, match="a bug"):
+        main(["encode", "--model", str(tiny_llama_dir), "--input", str(texts), "--output",
+              str(tmp_path / "e.npy"), "--device", "cpu"])

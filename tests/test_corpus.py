@@ -138,7 +138,7 @@ BAD_LINES = [
     ('{"text": "fine"}\n{"text": "ok"}\n["a list"]\n', "jsonl", "expected a JSON object"),
     ('{"text": "fine"}\n{"text": "ok"}\n\n{"text": "after"}\n', "jsonl", "an empty line"),
     ('{"text": "fine"}\n{"text": "ok"}\n{"text": "\\ud800"}\n', "jsonl", "lone surrogate"),
-    ('{"text": "fine"}\n{"text": "ok"}\n' + "[" * 100000 + "\n", "jsonl", "nested too deeply"),
+    ('{"text": "fine"}\n{"text": "ok"}\n' + "[" * 100000 + "\n", "jsonl", "nested deeper than"),
     (b"fine\nok\n\xff\xfe broken\n", "lines", "not UTF-8"),
 ]
 
@@ -161,7 +161,7 @@ def test_the_cli_names_the_bad_line_and_refuses_bad_arguments(tiny_llama_dir, tm
     path.write_text('{"text": "fine"}\n')
     (tmp_path / "folder.npy").mkdir()
     for output, match in [(tmp_path / "emb", "must be a .npy file name"),
-                          (tmp_path / "folder.npy", "is a folder")]:
+                          (tmp_path / "folder.npy", "a folder, where a file is expected")]:
         assert main(cli + ["--output", str(output)]) == 2
         assert match in capsys.readouterr().err
     assert main(cli + ["--output", str(tmp_path / "e.npy"), "--chunk-size", "0"]) == 2

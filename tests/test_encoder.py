@@ -6,6 +6,7 @@ text with a space, pool the last n positions where n is the text's own token cou
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 import transformers
 
 from llm2vec_mini.encoder import LLM2Vec
+from llm2vec_mini.errors import CheckpointError, ConfigError
 
 TEXTS = ["A man is playing a guitar.", "Two dogs run on the beach, chasing a red ball!",
          "Hi", "The quick brown fox jumps over the lazy dog near the river bank at dawn.",
@@ -207,3 +209,75 @@ def test_one_adapter_as_a_string_reads_its_settings(tiny_llama_dir, tmp_path):
     one = LLM2Vec.from_pretrained(tiny_llama_dir, adapters=str(tmp_path), device="cpu")
     assert one.settings() == {"pooling_mode": "weighted_mean", "max_length": 128, "doc_max_length": 100,
                               "skip_instruction": True, "bidirectional": False}
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue 16: typed errors naming the argument, the item or the file
+
+
+@pytest.mark.parametrize("bad, match", [
+    (None, "sentences must be a string or a list.*NoneType"),
+    (5, "sentences must be a string or a list.*int"),
+    ({"text": "a dict's keys are no texts"}, "sentences must be a string or a list.*dict"),
+    ({"a", "b"}, "sentences must be a string or a list.*set"),
+    (["fine", "a lone \ud800 surrogate"], r"sentences\[1\] is not valid Unicode"),
+    ([["instruction \udfff", "text"]], r"sentences\[0\] is not valid Unicode"),
+])
+def test_bad_inputs_name_the_argument_or_item(encoder, bad, match):
+    """Issue 16, class 12: encode(None) and encode(5) gave a TypeError, a lone surrogate one from
+    inside tokenizers, and a dict encoded its keys."""
+    with pytest.raises(ConfigError, match=match):
+        encoder.encode(bad)
+
+
+def test_a_device_torch_does_not_know_names_the_argument(tiny_llama_dir, encoder):
+    with pytest.raises(ConfigError, match="device: unknown device 'tpu9'"):
+        LLM2Vec.from_pretrained(tiny_llama_dir, device="tpu9")
+    with pytest.raises(ConfigError, match="device: unknown device 'tpu9'"):
+        LLM2Vec(encoder.model, encoder.tokenizer, device="tpu9")
+
+
+@pytest.mark.parametrize("file, content, match", [
+    ("llm2vec_mini_config.json", {"bidirectional": "false"}, "bidirectional must be true or false, got 'f"),
+    ("llm2vec_config.json", {"skip_instruction": "no"}, "skip_instruction must be true or false, got 'no'"),
+    ("llm2vec_config.json", {"max_length": True}, "max_length must be a positive integer, got True"),
+    ("llm2vec_config.json", {"doc_max_length": 0}, "doc_max_length must be a positive integer, got 0"),
+    ("llm2vec_config.json", {"pooling_mode": ["mean"]}, r"pooling_mode: unknown mode \['mean'\]"),
+    ("llm2vec_config.json", [1, 2], "expected a JSON object"),
+])
+def test_settings_files_are_checked_field_by_field_and_name_the_file(tiny_llama_dir, tmp_path, file, content,
+                                                                     match):
+    """Issue 16, class 9: wrong types loaded with another meaning ("false" is a true string)."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / file).write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=match) as err:
+        LLM2Vec.from_pretrained(folder, device="cpu")
+    assert str(folder / file) in str(err.value)
+
+
+@pytest.mark.parametrize("argument, value", [("bidirectional", "false"), ("skip_instruction", 1),
+                                             ("max_length", 2.0), ("pooling", None)])
+def test_constructor_arguments_of_the_wrong_type(encoder, argument, value):
+    with pytest.raises(ConfigError, match="bidirectional|skip_instruction|max_length|pooling"):
+        LLM2Vec(encoder.model, encoder.tokenizer, **{argument: value}, device="cpu")
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_names_its_file(encoder):
+    """Issue 16, class 11: a GGUF file with neither an eos nor a pad id gave an error naming nothing."""
+    from llm2vec_mini.tokenizer import Tokenizer
+    bare = Tokenizer(encoder.tokenizer.tokenizer, bos_id=1, eos_id=None, pad_id=None, path="model.gguf")
+    with pytest.raises(ConfigError, match=r"model\.gguf: the tokenizer has no eos \(or pad\) token"):
+        LLM2Vec(encoder.model, bare, device="cpu")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(encoder):
+    """Issue 16, class 5: encode() died with an IndexError inside the embedding."""
+    import tokenizers
+
+    from llm2vec_mini.tokenizer import Tokenizer
+    raw = tokenizers.Tokenizer.from_str(encoder.tokenizer.tokenizer.to_str())
+    raw.add_tokens(["<beyond-the-embedding>"])  # id 32000; the model has 32000 rows
+    big = Tokenizer(raw, bos_id=1, eos_id=2, path="tokenizer.json")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: the tokenizer has ids up to 32000"):
+        LLM2Vec(encoder.model, big, device="cpu")
