@@ -38,6 +38,7 @@ from .convert.hf import load_pretrained, save_hf_dir
 from .errors import ConfigError, DataError
 from .ops import fuse_projections
 from .pooling import POOLING_MODES, append_eos, pool
+from .precision import DtypeLike, compute_dtype, set_compute_dtype
 from .tokenizer import Tokenizer, check_text
 from .util import decoder_of, is_int, left_pad, read_json, torch_device
 
@@ -58,16 +59,22 @@ class LLM2Vec:
     mode, sets its attention direction, and fuses its projections for speed (`ops.fuse_projections`:
     the parameters stay the same objects with the same values, so an optimizer holding them keeps
     working). Keep a copy (`copy.deepcopy(model)`) if you need the model as it was.
+
+    dtype: the dtype of the matrix products. "auto" (the default) is bf16 where a short probe finds
+    bf16 products faster than fp32 on `device`, else fp32 (`precision.compute_dtype`); with bf16
+    the projections of the layers after the model's massive activations run in bf16 and everything
+    else stays fp32 (`precision.set_compute_dtype`). torch.float32: the plain fp32 model.
     """
 
     def __init__(self, model, tokenizer, pooling: str = "mean", bidirectional: bool = True,
                  max_length: int = 512, doc_max_length: int = 400, skip_instruction: bool = True,
-                 device=None):
+                 device=None, dtype: DtypeLike = "auto"):
         check_settings({"pooling_mode": pooling, "max_length": max_length, "doc_max_length": doc_max_length,
                         "skip_instruction": skip_instruction, "bidirectional": bidirectional})
         if not isinstance(tokenizer, Tokenizer):
             raise ConfigError(f"tokenizer must be an llm2vec_mini Tokenizer, got {type(tokenizer).__name__}")
         device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = compute_dtype(dtype, device)  # a bad dtype fails before the model is touched
         self.model = decoder_of(model)  # the LlamaModel; lm_head is not needed here
         self._full_model = model  # kept so that `save` writes an untied lm_head too
         self.tokenizer = tokenizer
@@ -85,6 +92,10 @@ class LLM2Vec:
         self.device = device
         self.model.to(self.device).eval().set_causal(not bidirectional)
         fuse_projections(self.model)  # q/k/v and gate/up as one GEMM each when encoding; same values
+        self.dtype = dtype
+        # with bf16: the blocks up to where massive activations are born, and those that move them
+        # later, stay fp32 (all of them with fp32)
+        self.fp32_blocks = set_compute_dtype(self.model, self.dtype)
 
     @property
     def bidirectional(self) -> bool:
@@ -98,22 +109,22 @@ class LLM2Vec:
     def from_pretrained(cls, path, adapters: Sequence = (), pooling: Optional[str] = None,
                         bidirectional: Optional[bool] = None, max_length: Optional[int] = None,
                         doc_max_length: Optional[int] = None, skip_instruction: Optional[bool] = None,
-                        dtype: torch.dtype = torch.float32, device=None) -> "LLM2Vec":
+                        dtype: DtypeLike = "auto", device=None) -> "LLM2Vec":
         """Load an HF directory or a `.gguf` file, merge PEFT `adapters` in order (MNTP first).
 
         Settings left as None come from an `llm2vec_config.json` beside the weights or in the last
         adapter (what `save` writes), else the defaults: mean pooling, bidirectional, max_length 512,
         doc_max_length 400, skip_instruction True. `device=None` means CUDA when available.
+        The weights load in fp32; `dtype` is the compute dtype of the matrix products (see LLM2Vec).
         """
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if isinstance(adapters, (str, os.PathLike)):  # one adapter folder
             adapters = [adapters]
         check_settings({k: v for k, v in {"pooling_mode": pooling, "bidirectional": bidirectional,
                                            "max_length": max_length, "doc_max_length": doc_max_length,
                                            "skip_instruction": skip_instruction}.items() if v is not None})
         device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, tokenizer = load_pretrained(path, adapters=adapters, dtype=dtype)
+        dtype = compute_dtype(dtype, device)  # a bad dtype fails before the weights load
+        model, tokenizer = load_pretrained(path, adapters=adapters, dtype=torch.float32)
         settings = dict(DEFAULTS)
         for where in [Path(path)] + [Path(a) for a in adapters]:
             settings.update(read_settings(where))
@@ -123,7 +134,7 @@ class LLM2Vec:
         return cls(model, tokenizer, pooling=settings["pooling_mode"],
                    bidirectional=settings["bidirectional"], max_length=settings["max_length"],
                    doc_max_length=settings["doc_max_length"],
-                   skip_instruction=settings["skip_instruction"], device=device)
+                   skip_instruction=settings["skip_instruction"], device=device, dtype=dtype)
 
     def settings(self) -> dict:
         return {"pooling_mode": self.pooling, "max_length": self.max_length,

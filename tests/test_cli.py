@@ -41,6 +41,11 @@ def test_encode_writes_the_embeddings_of_each_line(tiny_llama_dir, tmp_path, cap
     expected = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu").encode(
         [["Find similar text:", s] for s in SENTENCES])
     np.testing.assert_allclose(got, expected, atol=1e-6)
+    # --dtype: the matrix products' dtype (default auto); float32 is the plain model
+    assert main(["encode", "--model", str(tiny_llama_dir), "--input", str(src), "--output",
+                 str(tmp_path / "emb32.npy"), "--device", "cpu", "--dtype", "float32"]) == 0
+    fp32 = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", dtype=torch.float32).encode(SENTENCES)
+    np.testing.assert_array_equal(np.load(tmp_path / "emb32.npy"), fp32)
 
 
 def test_eval_sts_prints_a_table_and_writes_json(tiny_llama_dir, sts_file, tmp_path, capsys):
@@ -98,13 +103,13 @@ def test_trained_adapters_load_in_peft_like_the_official_library(tiny_llama_dir,
     ref = transformers.LlamaModel.from_pretrained(tiny_llama_dir).eval()
     ref = peft.PeftModel.from_pretrained(ref, mntp).merge_and_unload()
     ref = peft.PeftModel.from_pretrained(ref, simcse).merge_and_unload().eval()
-    ours = LLM2Vec.from_pretrained(tiny_llama_dir, adapters=[mntp, simcse], device="cpu")
+    ours = LLM2Vec.from_pretrained(tiny_llama_dir, adapters=[mntp, simcse], device="cpu", dtype=torch.float32)
     ids = torch.tensor([[1, 319, 767, 338, 8743, 263, 1410, 3906, 29889]])
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=torch.zeros(1, 1, 9, 9)).last_hidden_state
         got = ours.model(ids)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    plain = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+    plain = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", dtype=torch.float32)
     assert not torch.allclose(plain.model(ids), got, atol=1e-3)  # the adapters changed something
 
 

@@ -20,6 +20,9 @@ TEXTS = ["A man is playing a guitar.", "Two dogs run on the beach, chasing a red
          "Hi", "The quick brown fox jumps over the lazy dog near the river bank at dawn.",
          "Stocks fell sharply on Monday.", "", "A woman slices an onion."]
 INSTRUCTION = "Retrieve semantically similar text:"
+# fp32, which the comparisons to 1e-5 need: the default dtype "auto" computes in bf16 on a CPU with
+# bf16 instructions (checked against fp32 in tests/test_precision.py)
+FP32 = dict(device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def assert_close_rows(got, expected, tol=1e-5):
 
 @pytest.fixture(scope="module")
 def encoder(tiny_llama_dir):
-    return LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+    return LLM2Vec.from_pretrained(tiny_llama_dir, **FP32)
 
 
 @pytest.mark.parametrize("with_instruction", [False, True])
@@ -74,14 +77,14 @@ def test_mean_pooling_matches_hand_reference(encoder, reference, with_instructio
 
 @pytest.mark.parametrize("mode", ["weighted_mean", "eos_token", "last_token", "bos_token"])
 def test_other_pooling_modes_match_hand_reference(tiny_llama_dir, reference, mode):
-    enc = LLM2Vec.from_pretrained(tiny_llama_dir, pooling=mode, device="cpu")
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, pooling=mode, **FP32)
     texts = [t for t in TEXTS if t]
     got = enc.encode([[INSTRUCTION, t] for t in texts], batch_size=4)
     assert_close_rows(got, [hand_embedding(reference, INSTRUCTION, t, mode) for t in texts])
 
 
 def test_causal_mode_matches_hand_reference(tiny_llama_dir, reference):
-    enc = LLM2Vec.from_pretrained(tiny_llama_dir, bidirectional=False, device="cpu")
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, bidirectional=False, **FP32)
     got = enc.encode(TEXTS[:4], batch_size=2)
     assert_close_rows(got, [hand_embedding(reference, "", t, bidirectional=False) for t in TEXTS[:4]])
 
@@ -106,7 +109,7 @@ def test_empty_list_and_single_string(encoder):
 
 
 def test_long_text_is_truncated_to_the_limits(tiny_llama_dir, reference):
-    enc = LLM2Vec.from_pretrained(tiny_llama_dir, max_length=24, doc_max_length=12, device="cpu")
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, max_length=24, doc_max_length=12, **FP32)
     long_text = " ".join(["word"] * 200 + ["tail"])
     (ids, n_text), = enc.prepare([[INSTRUCTION, long_text]])
     tok = reference[0]
@@ -134,6 +137,8 @@ def test_bad_arguments(tiny_llama_dir, encoder):
         encoder.encode(["a"], convert_to="list")
     with pytest.raises(ValueError, match="pooling"):
         LLM2Vec.from_pretrained(tiny_llama_dir, pooling="max", device="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        LLM2Vec.from_pretrained(tiny_llama_dir, dtype="int8", device="cpu")
     enc = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
     enc.tokenizer.add_bos = False  # a vocabulary like SmolLM2's, which adds no BOS token
     with pytest.raises(ValueError, match="bos_token.*BOS"):
@@ -142,10 +147,10 @@ def test_bad_arguments(tiny_llama_dir, encoder):
 
 def test_save_and_load_back_keep_weights_and_settings(tiny_llama_dir, tmp_path):
     enc = LLM2Vec.from_pretrained(tiny_llama_dir, pooling="weighted_mean", doc_max_length=100,
-                                  device="cpu")
+                                  **FP32)
     before = enc.encode(TEXTS[:3])
     enc.save(tmp_path / "saved")
-    back = LLM2Vec.from_pretrained(tmp_path / "saved", device="cpu")
+    back = LLM2Vec.from_pretrained(tmp_path / "saved", **FP32)
     assert back.settings() == enc.settings()
     # llm2vec_config.json holds exactly the official constructor's keyword arguments (llm2vec 0.2.3
     # passes every key to LLM2Vec.__init__, so one more key would break it there)
@@ -180,7 +185,7 @@ def test_texts_with_no_tokens_left_encode_without_a_bos_token(tiny_llama_dir, re
 
     model, tok = load_pretrained(tiny_llama_dir)
     no_bos = Tokenizer(tok.tokenizer, bos_id=None, eos_id=tok.eos_id, add_bos=False)
-    enc = LLM2Vec(model, no_bos, doc_max_length=8, device="cpu")
+    enc = LLM2Vec(model, no_bos, doc_max_length=8, **FP32)
     word = "x" * 5000
     got = enc.encode(["", word, "A man is playing a guitar."], batch_size=2)
     assert np.isfinite(got).all()
