@@ -114,6 +114,10 @@ class Study:
         if not self.text.exists():
             lines = read_lines(self.data / "wikitext-2" / "valid.txt")  # stripped, blank lines dropped
             self.text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self.sentences = self.out / "simcse_sentences.txt"  # what the demo trains SimCSE on
+        if not self.sentences.exists():
+            wiki1m = read_lines(self.data / "wiki1m_slice" / "wiki1m_for_simcse.first11914.txt")
+            self.sentences.write_text("\n".join(s for s in wiki1m if len(s) >= 15) + "\n", encoding="utf-8")
         self.sts_file = self.data / "stsbenchmark" / "sts-dev.csv"
         if a.smoke:  # the first 60 pairs
             rows = self.sts_file.read_text(encoding="utf-8").splitlines()
@@ -176,7 +180,7 @@ class Study:
             return dict(kind="baseline", stage="Uni" if causal else "Bi", **scores, commands=commands)
         return self.row("uni" if causal else "bi", make)
 
-    def ours(self, lr: float, block: int):
+    def ours(self, lr: float, block: int, warmup: int = 0):
         a = self.args
         batch = a.tokens_per_step // block
 
@@ -184,15 +188,15 @@ class Study:
             adapter = folder / "adapter"
             train = self.py + ["train-mntp", "--model", self.gguf, "--data", self.text, "--output", adapter,
                                "--steps", a.steps, "--batch-size", batch, "--block-size", block, "--lr", lr,
-                               "--seed", a.seed, "--device", "cpu", "--overwrite"]
+                               "--warmup-steps", warmup, "--seed", a.seed, "--device", "cpu", "--overwrite"]
             _, seconds = self.run(train, folder / "train.log")
             losses = [json.loads(x)["loss"] for x in (adapter / "metrics.jsonl").read_text().splitlines()]
             scores, commands = self.evaluate(folder, adapters=[adapter])
-            return dict(kind="ours", stage="Bi + MNTP", lr=lr, block=block, batch=batch,
-                        train_minutes=round(seconds / 60, 2), loss_first=_mean(losses[:10]),
-                        loss_last=_mean(losses[-20:]), adapter=str(adapter), **scores,
-                        commands=[train] + commands)
-        return self.row(f"ours-lr{lr:g}-block{block}", make)
+            return dict(kind="ours" if not warmup else "ours, warm-up", stage="Bi + MNTP", lr=lr,
+                        block=block, batch=batch, warmup=warmup, train_minutes=round(seconds / 60, 2),
+                        loss_first=_mean(losses[:10]), loss_last=_mean(losses[-20:]), adapter=str(adapter),
+                        **scores, commands=[train] + commands)
+        return self.row(f"ours-lr{lr:g}-block{block}" + (f"-warmup{warmup}" if warmup else ""), make)
 
     def official(self, lr: float, block: int):
         a = self.args
@@ -231,7 +235,7 @@ class Study:
         def make(folder):
             adapter = folder / "adapter"
             train = self.py + ["train-simcse", "--model", self.gguf, "--adapter", mntp_row["adapter"],
-                               "--data", self.data / "wiki1m_slice" / "wiki1m_for_simcse.first11914.txt",
+                               "--data", self.sentences,
                                "--output", adapter, "--steps", a.simcse_steps, "--batch-size", 16,
                                "--max-length", 32, "--lr", 2e-3,
                                "--warmup-steps", max(1, a.simcse_steps // 10),
@@ -239,6 +243,7 @@ class Study:
             _, seconds = self.run(train, folder / "train.log")
             scores, commands = self.evaluate(folder, adapters=[mntp_row["adapter"], adapter])
             return dict(kind="simcse", stage="Bi + MNTP + SimCSE", on=mntp_row["adapter"],
+                        on_lr=mntp_row["lr"], on_block=mntp_row["block"],
                         train_minutes=round(seconds / 60, 2), **scores, commands=[train] + commands)
         return self.row(name, make)
 
@@ -265,6 +270,8 @@ def table(state: dict) -> str:
 
 
 def chart(state: dict, path: Path) -> bool:
+    """Three panels (STS-B, POS first sub-token, POS next_token): each grid cell's Bi + MNTP, ours and
+    official, against the untrained Uni and Bi (lines) and SimCSE on the best MNTP row (a star)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -272,10 +279,12 @@ def chart(state: dict, path: Path) -> bool:
     rows = state["rows"]
     grid = [n for n in rows if rows[n]["kind"] in ("ours", "official")]
     configs = sorted({(rows[n]["lr"], rows[n]["block"]) for n in grid}, key=lambda c: (c[1], c[0]))
-    fig = Figure(figsize=(10, 4.2))
-    axes = fig.subplots(1, 2)
-    for ax, key, label in ((axes[0], "sts_spearman", "STS-B dev Spearman x 100 (mean pooling)"),
-                           (axes[1], "pos_first", "POS accuracy, first sub-token")):
+    fig = Figure(figsize=(13, 4.2))
+    axes = fig.subplots(1, 3)
+    panels = (("sts_spearman", "STS-B dev, Spearman x 100 (mean pooling)"),
+              ("pos_first", "POS accuracy (%), first sub-token"),
+              ("pos_next_token", "POS accuracy (%), next_token (position i - 1)"))
+    for ax, (key, label) in zip(axes, panels):
         xs = range(len(configs))
         for offset, kind in ((-0.2, "ours"), (0.2, "official")):
             values = [rows.get(f"{kind}-lr{lr:g}-block{block}", {}).get(key) for lr, block in configs]
@@ -285,10 +294,17 @@ def chart(state: dict, path: Path) -> bool:
             if base in rows:
                 ax.axhline(rows[base][key], linestyle=style, color="k",
                            label=f"{rows[base]['stage']} (no training)")
+        for name, row in rows.items():
+            if row["kind"] == "simcse":
+                on = (row["on_lr"], row["on_block"])
+                if on in configs:
+                    ax.plot([configs.index(on) - 0.2], [row[key]], "*", color="crimson", markersize=12,
+                            label="+ SimCSE on that MNTP adapter")
         ax.set_xticks(list(xs), [f"lr {lr:g}\nblock {block}" for lr, block in configs], fontsize=7)
         ax.set_title(label, fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"MNTP on SmolLM2-135M at one budget ({state['budget']['tokens']:,} tokens)", fontsize=10)
+    fig.suptitle(f"MNTP on SmolLM2-135M-Instruct, {state['budget']['steps']} steps of "
+                 f"{state['budget']['tokens_per_step']} tokens each", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -308,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--official-script", default=None, help="experiments/run_mntp.py of McGill-NLP/llm2vec")
     p.add_argument("--official-python", default=str(REPO / ".venv-ref" / "bin" / "python"))
     p.add_argument("--official-rows", default="all", help="'all' or lr:block pairs, e.g. 5e-4:64,5e-5:256")
+    p.add_argument("--reproduce-row", action="store_true",
+                   help="also `make reproduce`'s MNTP as it stood (lr 5e-4, block 64, warm-up 20 steps)")
     p.add_argument("--simcse", action="store_true", help="SimCSE on the best MNTP row of ours")
     p.add_argument("--simcse-steps", type=int, default=150)
     p.add_argument("--smoke", action="store_true",
@@ -326,6 +344,8 @@ def main(argv=None) -> int:
     for block in blocks:
         for lr in lrs:
             study.ours(lr, block)
+    if args.reproduce_row:
+        study.ours(5e-4, 64, warmup=max(1, args.steps // 10))
     if args.official_script:
         wanted = None if args.official_rows == "all" else {
             (float(x.split(":")[0]), int(x.split(":")[1])) for x in args.official_rows.split(",")}
@@ -334,9 +354,9 @@ def main(argv=None) -> int:
                 if wanted is None or (lr, block) in wanted:
                     study.official(lr, block)
     if args.simcse:
-        ours = [r for r in study.state["rows"].values() if r["kind"] == "ours"]
-        best = max(ours, key=lambda r: r["sts_spearman"])
-        study.simcse(best, f"simcse-on-ours-lr{best['lr']:g}-block{best['block']}")
+        ours = {n: r for n, r in study.state["rows"].items() if r["kind"].startswith("ours")}
+        best = max(ours, key=lambda n: ours[n]["sts_spearman"])
+        study.simcse(ours[best], f"simcse-on-{best}")
     study.save()
     report = table(study.state)
     (study.out / "study.md").write_text(
