@@ -229,7 +229,7 @@ class Study:
                         commands=[train] + commands)
         return self.row(f"official-lr{lr:g}-block{block}", make)
 
-    def simcse(self, mntp_row: dict, name: str):
+    def simcse(self, mntp_row: dict, name: str, all_positions: bool = False):
         a = self.args
 
         def make(folder):
@@ -240,9 +240,11 @@ class Study:
                                "--max-length", 32, "--lr", 2e-3,
                                "--warmup-steps", max(1, a.simcse_steps // 10),
                                "--seed", a.seed, "--device", "cpu", "--overwrite"]
+            train += ["--pool-all-positions"] if all_positions else []  # the official training's pooling
             _, seconds = self.run(train, folder / "train.log")
             scores, commands = self.evaluate(folder, adapters=[mntp_row["adapter"], adapter])
-            return dict(kind="simcse", stage="Bi + MNTP + SimCSE", on=mntp_row["adapter"],
+            return dict(kind="simcse" + (", all positions" if all_positions else ""),
+                        stage="Bi + MNTP + SimCSE", on=mntp_row["adapter"],
                         on_lr=mntp_row["lr"], on_block=mntp_row["block"],
                         train_minutes=round(seconds / 60, 2), **scores, commands=[train] + commands)
         return self.row(name, make)
@@ -328,6 +330,8 @@ def main(argv=None) -> int:
                    help="also `make reproduce`'s MNTP as it stood (lr 5e-4, block 64, warm-up 20 steps)")
     p.add_argument("--simcse", action="store_true", help="SimCSE on the best MNTP row of ours")
     p.add_argument("--simcse-steps", type=int, default=150)
+    p.add_argument("--simcse-all-positions", action="store_true",
+                   help="with --simcse: also SimCSE pooled as the official training pools it")
     p.add_argument("--smoke", action="store_true",
                    help="a few steps and a small evaluation: checks the script")
     args = p.parse_args(argv)
@@ -357,6 +361,8 @@ def main(argv=None) -> int:
         ours = {n: r for n, r in study.state["rows"].items() if r["kind"].startswith("ours")}
         best = max(ours, key=lambda n: ours[n]["sts_spearman"])
         study.simcse(ours[best], f"simcse-on-{best}")
+        if args.simcse_all_positions:
+            study.simcse(ours[best], f"simcse-all-positions-on-{best}", all_positions=True)
     study.save()
     report = table(study.state)
     (study.out / "study.md").write_text(
