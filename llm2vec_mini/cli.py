@@ -151,7 +151,8 @@ def _cmd_eval_mteb(args) -> int:
 def _train_config(args):
     from .train import TrainConfig
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                       lr=args.lr, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
+                       seed=args.seed,
                        checkpoint_every=args.checkpoint_every,
                        gradient_checkpointing=args.gradient_checkpointing, device=_device(args),
                        dtype="bfloat16" if args.bf16 else args.dtype)
@@ -166,7 +167,7 @@ def _cmd_train_mntp(args) -> int:
     from .recipes import MNTPSettings, train_mntp
     _check_output(args.output, "--output", folder=True)
     mntp = MNTPSettings(block_size=args.block_size, mask_ratio=args.mask_ratio, all_mask=args.all_mask,
-                        max_blocks=args.max_blocks)
+                        max_blocks=args.max_blocks, train_lm_head=args.train_lm_head)
     out = train_mntp(args.model, args.data, args.output, _train_config(args), mntp, _lora_settings(args),
                      resume=args.resume, overwrite=args.overwrite)
     print(out)
@@ -177,7 +178,8 @@ def _cmd_train_simcse(args) -> int:
     from .recipes import SimCSESettings, train_simcse
     _check_output(args.output, "--output", folder=True)
     simcse = SimCSESettings(max_length=args.max_length, pooling=args.pooling, scale=args.scale,
-                            attention_dropout=args.attention_dropout)
+                            attention_dropout=args.attention_dropout,
+                            pool_all_positions=args.pool_all_positions)
     out = train_simcse(args.model, args.adapter, args.data, args.output, _train_config(args), simcse,
                        _lora_settings(args), resume=args.resume, overwrite=args.overwrite,
                        max_sentences=args.max_sentences)
@@ -216,6 +218,9 @@ def _train_args(p, steps, batch, lr):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="the step where the linear decay reaches 0 (default: --steps; the official "
+                        "scripts decay over 3 epochs and stop early)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -299,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratio", type=float, default=0.2)
     p.add_argument("--all-mask", action="store_true", help="always the mask token (no 80/10/10)")
     p.add_argument("--max-blocks", type=int, default=None, help="use at most this many blocks")
+    p.add_argument("--train-lm-head", action="store_true",
+                   help="also train lm_head (not saved), as the official run does for untied heads")
     p.set_defaults(func=_cmd_train_mntp)
 
     p = sub.add_parser("train-simcse", help="LLM2Vec step 3: unsupervised SimCSE (LoRA)")
@@ -311,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-dropout", type=float, default=0.3)
     p.add_argument("--scale", type=float, default=20.0, help="1 / temperature")
     p.add_argument("--pooling", default="mean", choices=POOLING_MODES)
+    p.add_argument("--pool-all-positions", action="store_true",
+                   help="mean over the whole padded row, as the official training pools (not encode)")
     p.add_argument("--max-sentences", type=int, default=None)
     p.set_defaults(func=_cmd_train_simcse)
 

@@ -1,8 +1,12 @@
 """One small, generic trainer for LLM2Vec's two training steps: MNTP (step 2) and SimCSE (step 3).
 
-It trains the LoRA parameters of `task.model` with AdamW, linear warm-up then linear decay, gradient
-accumulation and clipping, and knows nothing of either objective. A task (mntp.MNTPTask,
-simcse.SimCSETask) is a module with:
+It trains the LoRA parameters of `task.model` (and any other parameter left trainable, such as the
+lm_head of `mntp.unfreeze_lm_head`) with AdamW, linear warm-up then linear decay, gradient
+accumulation and clipping, and knows nothing of either objective. The defaults are the official
+recipe's (transformers' Trainer: AdamW betas (0.9, 0.999), eps 1e-8, weight decay 0, clipping at 1.0,
+linear decay, no warm-up), and tests/reference/test_official_training.py checks, step by step, that a
+run here follows the path of one through transformers' Trainer with peft and the official classes.
+A task (mntp.MNTPTask, simcse.SimCSETask) is a module with:
 
     task.model                           the LlamaForCausalLM with LoRA layers (lora.add_lora)
     len(task)                            the number of examples
@@ -37,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .convert.peft import load_adapter, save_adapter
+from .convert.safetensors import load_file, save_file
 from .distributed import world
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .lora import lora_layers
@@ -53,6 +58,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step; each has batch_size // grad_accum examples
     lr: float = 5e-5  # peak learning rate (SimCSE: 3e-5)
     warmup_steps: int = 0  # linear warm-up from 0 to lr
+    # the step at which the linear decay reaches 0 (0: `steps`). The official scripts decay over 3
+    # epochs and stop early (stop_after_n_steps), so their lr hardly decays: decay_steps > steps
+    decay_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # clip the global gradient norm (0 disables)
     seed: int = 42
@@ -74,9 +82,12 @@ class TrainConfig:
                               f"({self.grad_accum})")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        for name in ("warmup_steps", "checkpoint_every"):
+        for name in ("warmup_steps", "checkpoint_every", "decay_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if 0 < self.decay_steps < self.steps:
+            raise ConfigError(f"decay_steps ({self.decay_steps}) must be 0 (= steps) or at least steps "
+                              f"({self.steps}): the lr would reach 0 before the run ends")
         if not self.max_grad_norm >= 0:
             raise ConfigError(f"max_grad_norm must be 0 (off) or positive, got {self.max_grad_norm}")
         if self.dtype not in DTYPES:
@@ -96,10 +107,22 @@ def batch_indices(n: int, size: int, k: int, seed: int) -> list[int]:
 
 # -------------------------------------------------------------------------------------------------
 
+EXTRA_FILE = "trainable.safetensors"  # a checkpoint's trainable parameters that are not LoRA's
+
+
+def trainable_extras(model: nn.Module) -> dict:
+    """Trainable parameters outside the LoRA layers (e.g. lm_head), by name: the adapter file does not
+    hold them, so a checkpoint keeps them beside it."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and ".lora_" not in name}
+
+
 def _save_checkpoint(task, optimizer, step, out: Path, cfg: TrainConfig, metrics_path: Path):
     ckpt = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     save_adapter(task.model, tmp)
+    extras = trainable_extras(task.model)
+    if extras:
+        save_file({k: p.detach().cpu().contiguous() for k, p in extras.items()}, tmp / EXTRA_FILE)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     state = {"step": step, "config": asdict(cfg),
              "metrics_lines": sum(1 for _ in open(metrics_path)) if metrics_path.exists() else 0}
@@ -119,6 +142,21 @@ def _stop_unless_finite(value: torch.Tensor, what: str, step: int, out: Path) ->
     if not bool(finite):
         raise TrainingError(f"the {what} became {value.item()} at step {step + 1}; the last good "
                             f"checkpoint is {latest_checkpoint(out)} (lower the lr?)")
+
+
+def _load_extras(model: nn.Module, ckpt: Path) -> None:
+    """Put a checkpoint's non-LoRA trainable parameters back (see `trainable_extras`)."""
+    extras = trainable_extras(model)
+    saved = load_file(ckpt / EXTRA_FILE) if (ckpt / EXTRA_FILE).exists() else {}
+    if set(saved) != set(extras):
+        raise CheckpointError(f"the checkpoint holds the trainable parameters {sorted(saved)}, this run "
+                              f"trains {sorted(extras)} besides LoRA (another --train-lm-head?)", ckpt)
+    with torch.no_grad():
+        for name, p in extras.items():
+            if tuple(saved[name].shape) != tuple(p.shape):
+                raise CheckpointError(f"{name}: saved shape {tuple(saved[name].shape)}, the model's "
+                                      f"{tuple(p.shape)}", ckpt / EXTRA_FILE)
+            p.copy_(saved[name])
 
 
 def latest_checkpoint(out_dir) -> Optional[Path]:
@@ -170,10 +208,12 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False, o
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def lr_at(step):  # linear warm-up, then linear decay to 0 at cfg.steps
+    horizon = cfg.decay_steps or cfg.steps
+
+    def lr_at(step):  # linear warm-up, then linear decay to 0 at `horizon` (transformers' "linear")
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
+        return max(0.0, (horizon - step) / max(1, horizon - cfg.warmup_steps))
 
     start = 0
     if ckpt is not None:
@@ -183,6 +223,7 @@ def train(task: nn.Module, cfg: TrainConfig, output_dir, resume: bool = False, o
                 raise CheckpointError(f"{key} must be a non-negative integer, got {state.get(key)!r:.80}",
                                       ckpt / "trainer_state.json")
         load_adapter(model, ckpt)  # replaces the LoRA weights with the saved ones
+        _load_extras(model, ckpt)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         try:

@@ -145,6 +145,20 @@ def test_the_same_seed_trains_the_same_adapter(tiny_llama_dir, tmp_path):
     assert runs[0] == runs[1]  # the LoRA initial values come from --seed too
 
 
+def test_the_official_training_options(tiny_llama_dir, tmp_path):
+    """--train-lm-head and --decay-steps reach the trainer: the lr decays over 6 steps, the trained
+    head is kept in checkpoints."""
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n".join(SENTENCES * 8) + "\n")
+    assert main(["train-mntp", "--model", str(tiny_llama_dir), "--data", str(text), "--output",
+                 str(tmp_path / "a"), "--steps", "3", "--batch-size", "2", "--block-size", "16",
+                 "--lr", "1e-2", "--lora-r", "4", "--decay-steps", "6", "--train-lm-head",
+                 "--checkpoint-every", "2", "--device", "cpu"]) == 0
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-2, 1e-2 * 5 / 6, 1e-2 * 4 / 6])
+    assert (tmp_path / "a" / "checkpoint-2" / "trainable.safetensors").exists()  # the head, beside LoRA
+
+
 @pytest.fixture(scope="module")
 def files(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_args")
@@ -163,6 +177,8 @@ SIMCSE_BAD = [
     (["--checkpoint-every", "-1"], "checkpoint_every"),
     (["--device", "foo"], "--device"),
     (["--device", "cuda:99"], "--device"),
+    (["--pool-all-positions", "--pooling", "eos_token"], "mean"),
+    (["--steps", "3", "--decay-steps", "2"], "decay_steps"),
 ]
 
 

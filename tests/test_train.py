@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm2vec_mini import ConfigError, LlamaConfig, LlamaForCausalLM, TrainingError
+from llm2vec_mini import CheckpointError, ConfigError, LlamaConfig, LlamaForCausalLM, TrainingError
 from llm2vec_mini.convert.safetensors import load_file
 from llm2vec_mini.lora import add_lora
 from llm2vec_mini.mntp import MNTPCollator, MNTPTask
@@ -147,6 +147,36 @@ def test_bf16_training_follows_fp32_and_leaves_the_plain_model(tmp_path, make):
     assert runs["float32"] != runs["bfloat16"]  # bf16 was used
     for a, b in zip(runs["float32"], runs["bfloat16"]):
         assert abs(a - b) <= 0.02 * abs(a) + 1e-5, runs  # (SimCSE on random tokens: losses near 0)
+
+
+def test_resume_keeps_a_trained_lm_head(tmp_path):
+    """A trainable lm_head (mntp.unfreeze_lm_head) is not in the adapter: checkpoints keep it."""
+    from llm2vec_mini.mntp import unfreeze_lm_head
+
+    def make(seed=0):
+        task = mntp_task(seed)
+        unfreeze_lm_head(task.model)
+        return task
+
+    cfg = dict(steps=4, batch_size=2, lr=5e-3, checkpoint_every=2, progress=False)
+    full = make()
+    train(full, TrainConfig(**cfg), tmp_path / "full")
+    train(make(), TrainConfig(**cfg), tmp_path / "split", stop_after=2)
+    resumed = make()
+    train(resumed, TrainConfig(**cfg), tmp_path / "split", resume=True)
+    assert torch.equal(full.model.lm_head.weight, resumed.model.lm_head.weight)
+    for k, v in adapter(tmp_path / "full").items():
+        assert torch.equal(v, adapter(tmp_path / "split")[k]), k
+    with pytest.raises(CheckpointError, match="lm_head"):  # resumed by a run that does not train it
+        train(mntp_task(), TrainConfig(**dict(cfg, steps=6)), tmp_path / "split", resume=True)
+
+
+def test_decay_steps_sets_the_horizon_of_the_linear_decay(tmp_path):
+    """transformers' "linear" schedule without warm-up: lr * (horizon - step) / horizon at step 0, 1, ..."""
+    train(mntp_task(), TrainConfig(steps=4, batch_size=2, lr=1e-2, decay_steps=10, progress=False), tmp_path)
+    assert [m["lr"] for m in metrics(tmp_path)] == pytest.approx([1e-2 * (10 - s) / 10 for s in range(4)])
+    with pytest.raises(ConfigError, match="decay_steps"):
+        TrainConfig(steps=4, decay_steps=3).validate()
 
 
 def test_config_errors_name_the_field(tmp_path):
