@@ -99,7 +99,8 @@ class Study:
 
     def budget(self) -> dict:
         a = self.args
-        return {"steps": a.steps, "tokens_per_step": a.tokens_per_step, "tokens": a.steps * a.tokens_per_step}
+        return {"steps": a.steps, "tokens_per_step": a.tokens_per_step, "tokens": a.steps * a.tokens_per_step,
+                "train_dtype_ours": a.train_dtype, "eval_dtype": "auto (the CLI's default)"}
 
     # -- data and model ----------------------------------------------------------------------------
 
@@ -188,7 +189,8 @@ class Study:
             adapter = folder / "adapter"
             train = self.py + ["train-mntp", "--model", self.gguf, "--data", self.text, "--output", adapter,
                                "--steps", a.steps, "--batch-size", batch, "--block-size", block, "--lr", lr,
-                               "--warmup-steps", warmup, "--seed", a.seed, "--device", "cpu", "--overwrite"]
+                               "--warmup-steps", warmup, "--seed", a.seed, "--device", "cpu", "--overwrite",
+                               "--dtype", a.train_dtype]
             _, seconds = self.run(train, folder / "train.log")
             losses = [json.loads(x)["loss"] for x in (adapter / "metrics.jsonl").read_text().splitlines()]
             scores, commands = self.evaluate(folder, adapters=[adapter])
@@ -239,7 +241,7 @@ class Study:
                                "--output", adapter, "--steps", a.simcse_steps, "--batch-size", 16,
                                "--max-length", 32, "--lr", 2e-3,
                                "--warmup-steps", max(1, a.simcse_steps // 10),
-                               "--seed", a.seed, "--device", "cpu", "--overwrite"]
+                               "--seed", a.seed, "--device", "cpu", "--overwrite", "--dtype", a.train_dtype]
             train += ["--pool-all-positions"] if all_positions else []  # the official training's pooling
             _, seconds = self.run(train, folder / "train.log")
             scores, commands = self.evaluate(folder, adapters=[mntp_row["adapter"], adapter])
@@ -323,6 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="64,256")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="our trainer's matrix products (the official script trains in fp32 on a CPU)")
     p.add_argument("--official-script", default=None, help="experiments/run_mntp.py of McGill-NLP/llm2vec")
     p.add_argument("--official-python", default=str(REPO / ".venv-ref" / "bin" / "python"))
     p.add_argument("--official-rows", default="all", help="'all' or lr:block pairs, e.g. 5e-4:64,5e-5:256")
@@ -367,7 +371,8 @@ def main(argv=None) -> int:
     report = table(study.state)
     (study.out / "study.md").write_text(
         f"CPU: {cpu_model()} ({cpu_flags()}), {args.threads} threads; budget: {args.steps} steps x "
-        f"{args.tokens_per_step} tokens\n\n{report}\n")
+        f"{args.tokens_per_step} tokens; our training in {args.train_dtype}, the official in float32; "
+        f"evaluation with --dtype auto\n\n{report}\n")
     print(report)
     if chart(study.state, study.out / "study.png"):
         print(f"chart: {study.out / 'study.png'}")

@@ -5,6 +5,8 @@ LLM2VEC_MINI_REQUIRE_DATA=1 (CI), where absence is a failure.
 """
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,17 @@ def tiny_llama_dir(tmp_path_factory, llama2_tokenizer) -> Path:
                 p.fill_(1.0).add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
     return write_tokenizer_dir(llama2_tokenizer, folder)
+
+
+def run_group(cmd, env, timeout=300):
+    """(exit status, stdout, stderr) of a command in its own process group; on a time-out the whole
+    group is killed (torchrun's workers too) and the test fails."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s")
+    return proc.returncode, out, err

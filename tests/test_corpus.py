@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_group
 
 from llm2vec_mini.cli import main
 from llm2vec_mini.corpus import encode_corpus, scan_corpus
@@ -55,20 +56,6 @@ def chunks_counted(run):
 def recorded_chunks(record: Path) -> int:
     """How many chunks a progress record names (it holds runs of ids, [[start, stop), ...])."""
     return sum(stop - start for start, stop in json.loads(record.read_text())["done"])
-
-
-def run_group(cmd, env, timeout=300):
-    """(exit status, stdout, stderr) of a command in its own process group; on a time-out the whole
-    group is killed (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s")
-    return proc.returncode, out, err
 
 
 class Stop(Exception):

@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_group
 
 from llm2vec_mini import CheckpointError, ConfigError, LlamaConfig, LlamaForCausalLM, TrainingError
 from llm2vec_mini.convert.safetensors import load_file
@@ -189,27 +188,14 @@ def test_config_errors_name_the_field(tmp_path):
                        MNTPCollator(5, 256)), TrainConfig(steps=1, batch_size=1, progress=False), tmp_path)
 
 
-def run_group(cmd, env, timeout=300):
-    """Run a command in its own process group; on a time-out kill the whole group (torchrun's workers)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} timed out after {timeout} s")
-    return proc.returncode, err
-
-
 @pytest.mark.parametrize("task", ["mntp", "simcse"])
 def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, task):
     """The same adapter, and the same logged losses: the global batch's loss, not rank 0's share."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
     worker = str(HERE / "ddp_worker.py")
-    rc, err = run_group([sys.executable, worker, task, "8", str(tmp_path / "one")], env)
+    rc, _, err = run_group([sys.executable, worker, task, "8", str(tmp_path / "one")], env)
     assert rc == 0, err[-3000:]
-    rc, err = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    rc, _, err = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                          "--standalone", worker, task, "4", str(tmp_path / "two")], env)
     assert rc == 0, err[-3000:]
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
