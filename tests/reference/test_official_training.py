@@ -39,19 +39,14 @@ import numpy as np
 import pytest
 import torch
 from reference_tier import run_official
+from test_official_loads_ours import CORPUS as SENTENCES
 from torch import nn
 
 STEPS = 24
 LR = 3e-3
 LORA = {"r": 4, "alpha": 8.0}  # scale 2
 SIMCSE_SCALE = {False: 2.0, True: 20.0}  # without, with dropout (see above)
-CORPUS = [
-    "The cat sat on the mat while the dog slept by the door.",
-    "A man is playing a guitar in the park on a sunny afternoon.",
-    "Stock markets fell sharply after the announcement on Monday.",
-    "She read the whole novel in one night and loved the ending.",
-    "Rain is expected across the north of the country this weekend.",
-    "The committee will meet again next month to discuss the budget.",
+CORPUS = SENTENCES + [  # the loading tests' sentences, then some of other shapes
     "Two children built a sandcastle near the water.",
     "He forgot his umbrella and got soaked on the way home.",
     "x",
