@@ -6,7 +6,7 @@ REF_VENV := .venv-ref
 REF_PY := $(REF_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo model test-reference reference-setup bench reproduce clean
+.PHONY: setup test test-fast lint tutorials lab demo model test-reference reference-setup bench reproduce clean
 
 # Re-runs are no-ops: the stamp is newer than both requirement files.
 setup: $(VENV)/.stamp
@@ -26,6 +26,19 @@ lint: setup
 
 test: setup model lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The component tests only: no model download, no data, no notebooks, nothing slow (under a minute).
+test-fast: setup lint
+	LLM2VEC_MINI_TEST_FAST=1 $(PY) -m pytest tests -q -m "not notebook and not slow" $(PYTEST_ARGS)
+
+# Execute every tutorial (the SmolLM2 cells too) and write its outputs into the committed notebook.
+tutorials: setup model
+	$(PY) tutorials/execute.py --real
+
+# JupyterLab on the tutorials (an optional extra, requirements-lab.txt; opens the .py sources as notebooks too).
+lab: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lab.txt
+	$(PY) -m jupyter lab tutorials
 
 demo: setup model
 	$(PY) -m llm2vec_mini demo

@@ -20,7 +20,9 @@ so that N processes with batch b take the same steps as one process with batch N
 
 References:
 1) Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (AdamW), 2019, https://arxiv.org/abs/1711.05101
-2) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Appendix D (the settings)
+2) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Appendix D.1.1-D.1.2
+   (steps, batch, LoRA; the optimizer settings are the official configs' and the Hugging Face
+   Trainer's defaults)
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # save output_dir/checkpoint-{step} every N steps (0: only at the end)
     gradient_checkpointing: bool = False
     device: str = "cpu"
-    bf16: bool = False  # bf16 autocast (GPUs; the paper trained in bf16)
+    bf16: bool = False  # bf16 autocast (GPUs; the paper trained its 7B/8B models in bf16)
     progress: bool = True  # a tqdm bar with loss and speed
     extra: dict = field(default_factory=dict)  # task settings, saved with the checkpoint
 

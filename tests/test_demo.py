@@ -9,6 +9,7 @@ from llm2vec_mini.convert.safetensors import load_file
 from llm2vec_mini.demo import PAPER_MTEB15, STAGES
 
 
+@pytest.mark.slow
 def test_tiny_demo_writes_table_chart_and_adapters(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
@@ -30,6 +31,7 @@ def test_tiny_demo_writes_table_chart_and_adapters(tmp_path, capsys):
         assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in tensors.items())
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_what_finished(tmp_path, capsys, monkeypatch):
     import llm2vec_mini.recipes as recipes
 
@@ -81,6 +83,7 @@ def test_data_folder_is_found_in_the_documented_order(tmp_path, monkeypatch):
         assert main(["demo", "--tiny", "--budget-minutes", bad]) == 2
 
 
+@pytest.mark.slow
 def test_the_demo_and_the_cli_train_the_same_adapters(tmp_path):
     """The demo's stages and `train-mntp` / `train-simcse` on the same model, data, seed and settings
     give the same two adapters (the demo once seeded its SimCSE adapter with seed + 1)."""

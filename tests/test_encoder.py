@@ -10,9 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import Reference
 
 from llm2vec_mini.encoder import LLM2Vec
+
+transformers = Reference("transformers")
 
 TEXTS = ["A man is playing a guitar.", "Two dogs run on the beach, chasing a red ball!",
          "Hi", "The quick brown fox jumps over the lazy dog near the river bank at dawn.",
