@@ -6,7 +6,7 @@ REF_VENV := .venv-ref
 REF_PY := $(REF_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint tutorials lab demo model test-reference reference-setup bench reproduce clean
+.PHONY: setup test test-fast lint tutorials lab demo model data test-reference reference-setup bench reproduce clean
 
 # Re-runs are no-ops: the stamp is newer than both requirement files.
 setup: $(VENV)/.stamp
@@ -19,6 +19,11 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt
 # The real model (SmolLM2-135M-Instruct, GGUF) into the local cache; a second run only prints its path.
 model: setup
 	$(PY) -m llm2vec_mini download smollm2
+
+# The data (STS-B, WikiText-2, wiki1m, UD English-EWT, two vocabularies) into the cache, from the
+# pinned public sources or $LLM2VEC_MINI_DATA_URL; a second run re-hashes the files and fetches nothing.
+data: setup
+	$(PY) -m llm2vec_mini download data
 
 # ruff (configured in pyproject.toml) on the whole tree, then every test.
 lint: setup
@@ -40,6 +45,8 @@ lab: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lab.txt
 	$(PY) -m jupyter lab tutorials
 
+# Without a data folder the demo downloads its data first; offline it says how to get data in one
+# line and runs its labelled smoke corpus.
 demo: setup model
 	$(PY) -m llm2vec_mini demo
 

@@ -1,9 +1,11 @@
 """The command line: `python -m llm2vec_mini COMMAND ...`; `--help` on any command lists its options.
 
     download smollm2      fetch the real model into the local cache, print its path
+    download data         fetch the data (STS-B, WikiText-2, wiki1m, UD, vocabularies) into the cache
     encode                texts (one per line) -> embeddings (.npy)
     eval-sts              STS-B / SemEval / SICK: Spearman and Pearson x 100 on cosine similarity
     eval-probe            a linear UPOS probe on frozen token states (word-level quality)
+    eval-mteb             MTEB tasks by name, with the official instructions (needs mteb and a network)
     train-mntp            LLM2Vec step 2: a LoRA adapter trained with masked next-token prediction
     train-simcse          LLM2Vec step 3: a LoRA adapter trained with unsupervised SimCSE
     demo                  the main job (`make demo`)
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, Llm2VecMiniError
+from .hub import DATA_GROUPS
 from .pooling import POOLING_MODES
 
 
@@ -51,7 +54,10 @@ def _with_instruction(texts, instruction):
 
 def _cmd_download(args) -> int:
     from . import hub
-    print(hub.download_smollm2(cache_dir=args.cache_dir))
+    if args.name == "data":
+        print(hub.download_data(only=args.only, base_url=args.base_url, cache_dir=args.cache_dir))
+    else:
+        print(hub.download_smollm2(cache_dir=args.cache_dir))
     return 0
 
 
@@ -93,11 +99,33 @@ def _nan_as_null(value):
 
 def _cmd_eval_probe(args) -> int:
     from .convert.hf import load_pretrained
+    from .hub import find_data_dir
     from .probe import probe_main
+    if args.train is None or args.test is None:  # UD English-EWT dev and test from the data folder
+        ud = ("ud_english_ewt/en_ewt-ud-dev.conllu", "ud_english_ewt/en_ewt-ud-test.conllu")
+        folder = find_data_dir(needs=ud)
+        if folder is None:
+            raise FileNotFoundError("no data folder with UD English-EWT: give --train and --test, or run "
+                                    "`python -m llm2vec_mini download data --only ud_ewt`")
+        args.train, args.test = args.train or folder / ud[0], args.test or folder / ud[1]
     model, tokenizer = load_pretrained(args.model, adapters=args.adapter, device=_device(args))
     model.set_causal(args.causal)
     result = probe_main(model, tokenizer, args.train, args.test, args.mode, args.max_sentences)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_eval_mteb(args) -> int:
+    try:
+        from .mteb import LLM2VecMTEB, evaluate, result_folder
+    except ImportError as e:
+        raise ConfigError(f"eval-mteb: {e}") from None
+    model = LLM2VecMTEB.from_pretrained(args.model, adapters=args.adapter, pooling=args.pooling,
+                                        bidirectional=False if args.causal else None, device=_device(args))
+    scores = evaluate(model, args.tasks, args.output, batch_size=args.batch_size)
+    for task, score in scores.items():
+        print(f"{task}: {100 * score:.2f}")  # mteb's main score, x 100 as in the paper's tables
+    print(f"results: {result_folder(model, args.output)}")
     return 0
 
 
@@ -179,9 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="LLM2Vec from scratch: a decoder turned text encoder.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("download", help="fetch a model into the local cache and print its path")
-    p.add_argument("name", choices=["smollm2"])
+    p = sub.add_parser("download", help="fetch the model or the data into the local cache, print its path")
+    p.add_argument("name", choices=["smollm2", "data"])
     p.add_argument("--cache-dir", default=None, help="default: $LLM2VEC_MINI_CACHE or ~/.cache/llm2vec_mini")
+    p.add_argument("--only", action="append", default=None, choices=DATA_GROUPS,
+                   help="data: fetch only this group (repeat for more)")
+    p.add_argument("--base-url", default=None,
+                   help="data: a mirror holding each file at its relative path "
+                        "(http://, https://, file://; default $LLM2VEC_MINI_DATA_URL)")
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("encode", help="embed the lines of a text file into a .npy array")
@@ -201,12 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-probe", help="a linear UPOS probe on frozen token representations")
     _model_args(p, pooling=False)
     p.add_argument("--causal", action="store_true", help="keep causal attention (the paper's Uni)")
-    p.add_argument("--train", required=True, help="CoNLL-U file to train the probe on")
-    p.add_argument("--test", required=True, help="CoNLL-U file to score it on")
+    p.add_argument("--train", default=None, help="CoNLL-U file to train the probe on "
+                                                  "(default: UD English-EWT dev from the data folder)")
+    p.add_argument("--test", default=None, help="CoNLL-U file to score it on (default: UD English-EWT test)")
     p.add_argument("--mode", default="first", choices=["first", "next_token"],
                    help="a word's first sub-token, or the position before it (official next_token)")
     p.add_argument("--max-sentences", type=int, default=None)
     p.set_defaults(func=_cmd_eval_probe)
+
+    p = sub.add_parser("eval-mteb", help="run MTEB tasks by name (pip install 'llm2vec-mini[mteb]')")
+    _model_args(p, pooling=False)
+    p.add_argument("--pooling", default=None, choices=POOLING_MODES,
+                   help="default: the saved setting, else mean")
+    p.add_argument("--causal", action="store_true", help="keep causal attention (default: the saved setting)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tasks", nargs="+", required=True, help="MTEB task names: STSBenchmark SciFact ...")
+    p.add_argument("--output", default="runs/mteb", help="mteb writes its result files under DIR/results/")
+    p.set_defaults(func=_cmd_eval_mteb)
 
     p = sub.add_parser("train-mntp", help="LLM2Vec step 2: masked next-token prediction (LoRA)")
     _model_args(p, pooling=False)

@@ -8,14 +8,14 @@
 Each stage is scored on STS-B dev (Spearman x 100 of cosine similarity). The recipe is the paper's,
 scaled down to a 2-core CPU (few steps, short sequences, a higher learning rate); the paper's
 Sheared-LLaMA-1.3B figures are printed beside ours, labelled as such. Ctrl-C stops cleanly and keeps
-what finished. Without real data (../shared/data) it runs on a small built-in corpus: a smoke demo,
-not a benchmark, and the output says so.
+what finished. The data comes from the folder `hub.find_data_dir` finds; when there is none, the
+demo downloads its three files into the cache. Offline and without data it says in one line how to
+get data and runs on a small built-in corpus: a smoke demo, not a benchmark, and the output says so.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,8 +26,9 @@ from .config import LlamaConfig
 from .convert.hf import load_pretrained
 from .data import STSSubset, load_sts, read_lines
 from .encoder import LLM2Vec
+from .errors import DownloadError
 from .evaluate import evaluate_sts
-from .hub import download_smollm2
+from .hub import DATA_URL_ENV, download_data, download_smollm2, find_data_dir, groups_of
 from .model import LlamaForCausalLM
 from .recipes import LoRASettings, MNTPSettings, SimCSESettings, mntp_stage, simcse_stage
 from .tokenizer import Tokenizer
@@ -78,22 +79,28 @@ REPRODUCE = Recipe(eval_pairs=1500, mntp_steps=200, mntp_batch=8, mntp_block=64,
 
 
 # -------------------------------------------------------------------------------------------------
-# Data: the shared folder if there is one, else a small corpus of our own.
+# Data: a data folder if there is one, else the download, else a small corpus of our own.
 
-def find_data_dir(explicit=None):
-    """--data-dir, else $LLM2VEC_MINI_DATA, else ../shared/data when present, else None (smoke).
+STS_DEV, MNTP_TEXT, SIMCSE_TEXT = DEMO_DATA = (
+    "stsbenchmark/sts-dev.csv", "wikitext-2/valid.txt", "wiki1m_slice/wiki1m_for_simcse.first11914.txt")
 
-    A folder the user named (either way) must hold the data: it is an error, not a fallback."""
-    named = ((explicit, "--data-dir"), (os.environ.get("LLM2VEC_MINI_DATA"), "$LLM2VEC_MINI_DATA"))
-    for given, name in named:
-        if given:
-            if not (Path(given) / "stsbenchmark" / "sts-dev.csv").is_file():
-                raise FileNotFoundError(f"{name} {given}: no stsbenchmark/sts-dev.csv inside")
-            return Path(given)
-    for c in (Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"):
-        if (c / "stsbenchmark" / "sts-dev.csv").is_file():
-            return c
-    return None
+
+def demo_data_dir(explicit=None):
+    """The data folder (`hub.find_data_dir`'s order: --data-dir, $LLM2VEC_MINI_DATA, the download
+    cache, ../shared/data). When none holds the demo's files, they are downloaded into the cache; if
+    that fails, one line says how to get data and the result is None (the smoke demo)."""
+    found = find_data_dir(explicit, needs=DEMO_DATA)
+    if found is not None:
+        return found
+    try:
+        folder = download_data(only=groups_of(DEMO_DATA))
+    except DownloadError as e:  # one line: what failed, and how to get data
+        print(f"No data found and the download failed ({e}); to get data, run `python -m llm2vec_mini "
+              f"download data` with a network, or set $LLM2VEC_MINI_DATA to a data folder or "
+              f"${DATA_URL_ENV} to a mirror.")
+        return None
+    print(f"No data folder found: downloaded the demo's data into {folder}")
+    return folder
 
 
 SMOKE_PAIRS = [  # (sentence 1, sentence 2, similarity 0-5), written for this demo
@@ -123,13 +130,12 @@ def load_demo_data(data_dir, recipe: Recipe):
                           [s for _, _, s in SMOKE_PAIRS])
         corpus = smoke_corpus()
         return pairs, corpus, corpus, True
-    dev = load_sts(data_dir / "stsbenchmark" / "sts-dev.csv")[0]
+    dev = load_sts(data_dir / STS_DEV)[0]
     n = recipe.eval_pairs
     name = "sts-dev" if n >= len(dev) else f"sts-dev[:{n}]"
     pairs = STSSubset(name, dev.sentences1[:n], dev.sentences2[:n], dev.scores[:n])
-    wikitext = read_lines(data_dir / "wikitext-2" / "valid.txt")
-    wiki1m = [s for s in read_lines(data_dir / "wiki1m_slice" / "wiki1m_for_simcse.first11914.txt")
-              if len(s) >= 15]  # drop titles and fragments
+    wikitext = read_lines(data_dir / MNTP_TEXT)
+    wiki1m = [s for s in read_lines(data_dir / SIMCSE_TEXT) if len(s) >= 15]  # drop titles and fragments
     return pairs, wikitext, wiki1m, False
 
 
@@ -227,7 +233,7 @@ def run_demo(args) -> int:
     else:
         path = download_smollm2()
         model, tokenizer = load_pretrained(path)
-        model_name, data_dir = "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", find_data_dir(args.data_dir)
+        model_name, data_dir = "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", demo_data_dir(args.data_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 either way
     model.to(device)
     pairs, paragraphs, sentences, smoke = load_demo_data(data_dir, recipe)

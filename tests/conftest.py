@@ -26,18 +26,24 @@ def missing(reason: str):
     pytest.skip(reason)
 
 
-def test_fast() -> bool:
+def fast_tests() -> bool:
     """`make test-fast` (LLM2VEC_MINI_TEST_FAST=1): no data, no model, no notebooks, nothing slow."""
     return os.environ.get("LLM2VEC_MINI_TEST_FAST") == "1"
 
 
 def shared_data_dir() -> Path:
-    """$LLM2VEC_MINI_DATA, else ../shared/data beside the repository; skip or fail when absent."""
-    if test_fast():
+    """The data folder in the package's one order (`hub.find_data_dir`: $LLM2VEC_MINI_DATA, the
+    download cache, ../shared/data), holding every file of the data table; skip or fail without one."""
+    from llm2vec_mini.hub import find_data_dir
+    if fast_tests():
         pytest.skip("make test-fast runs without the data folder")
-    path = Path(os.environ.get("LLM2VEC_MINI_DATA", REPO.parent / "shared" / "data"))
-    if not path.is_dir():
-        missing(f"data folder {path} not found")
+    try:
+        path = find_data_dir()
+    except FileNotFoundError as e:  # $LLM2VEC_MINI_DATA names a folder without the data
+        missing(str(e))
+    if path is None:
+        missing("no data folder ($LLM2VEC_MINI_DATA, the download cache or ../shared/data): "
+                "`python -m llm2vec_mini download data` fetches it")
     return path
 
 
@@ -94,7 +100,7 @@ def smollm2_gguf() -> Path:
     """Path of the cached SmolLM2-135M-Instruct Q4_1 GGUF file; skip (or fail under
     LLM2VEC_MINI_REQUIRE_DATA=1) when `python -m llm2vec_mini download smollm2` has not been run."""
     from llm2vec_mini.hub import smollm2_path
-    if test_fast():
+    if fast_tests():
         pytest.skip("make test-fast runs without the model")
     try:
         return smollm2_path()

@@ -183,3 +183,36 @@ def test_an_empty_sentence_file_and_a_resume_with_another_rank_are_clear_errors(
     assert main(simcse + ["--data", str(text), "--output", out, "--steps", "3", "--lora-r", "8",
                           "--resume"]) == 2
     assert "a different r?" in capsys.readouterr().err
+
+
+def test_eval_probe_reads_ud_from_the_data_folder_or_says_how_to_get_it(tiny_llama_dir, data_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    import llm2vec_mini.hub as hub
+    import llm2vec_mini.probe as probe
+
+    seen = []
+    monkeypatch.setattr(probe, "probe_main", lambda model, tok, train, test, *rest: seen.append((train, test))
+                        or {"accuracy": 0.0})
+    monkeypatch.setenv("LLM2VEC_MINI_DATA", str(data_dir))
+    assert main(["eval-probe", "--model", str(tiny_llama_dir), "--device", "cpu"]) == 0
+    assert seen == [(data_dir / "ud_english_ewt/en_ewt-ud-dev.conllu",
+                     data_dir / "ud_english_ewt/en_ewt-ud-test.conllu")]
+    mine = tmp_path / "mine.conllu"
+    assert main(["eval-probe", "--model", str(tiny_llama_dir), "--device", "cpu", "--test", str(mine)]) == 0
+    assert seen[1] == (data_dir / "ud_english_ewt/en_ewt-ud-dev.conllu", str(mine))
+
+    monkeypatch.delenv("LLM2VEC_MINI_DATA")  # no data folder anywhere
+    monkeypatch.setenv("LLM2VEC_MINI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "__file__", str(tmp_path / "a" / "b" / "c" / "hub.py"))
+    capsys.readouterr()
+    assert main(["eval-probe", "--model", str(tiny_llama_dir), "--device", "cpu"]) == 2
+    assert "download data --only ud_ewt" in capsys.readouterr().err
+
+
+def test_eval_mteb_without_mteb_says_how_to_install_it(tiny_llama_dir, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "mteb", None)  # `import mteb` now raises ImportError
+    monkeypatch.delitem(sys.modules, "llm2vec_mini.mteb", raising=False)
+    assert main(["eval-mteb", "--model", str(tiny_llama_dir), "--tasks", "STSBenchmark"]) == 2
+    assert 'pip install "llm2vec-mini[mteb]"' in capsys.readouterr().err

@@ -135,3 +135,31 @@ def test_each_rule_has_one_home(pattern, home):
     where = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
              if pattern in p.read_text(encoding="utf-8")}
     assert where <= home, f"{pattern!r} appears in {sorted(where - home)}"
+
+
+def test_mteb_is_optional_and_only_its_own_module_imports_it():
+    """mteb is an extra: only llm2vec_mini/mteb.py imports it, only cli.py imports that module (inside
+    `eval-mteb`), and importing every other module and building the CLI loads no mteb."""
+    import os
+    import subprocess
+    import sys
+
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "mteb.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            assert not [n for n in names if n.split(".")[0] == "mteb"], path
+    assert {name for name, targets in graph().items() if "mteb" in targets} == {"cli"}
+    code = ("import importlib, pkgutil, sys, llm2vec_mini\n"
+            "for m in pkgutil.walk_packages(llm2vec_mini.__path__, 'llm2vec_mini.'):\n"
+            "    if m.name not in ('llm2vec_mini.mteb', 'llm2vec_mini.__main__'):\n"
+            "        importlib.import_module(m.name)\n"
+            "llm2vec_mini.cli.build_parser()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mteb', 'datasets')))\n")
+    root = str(PACKAGE.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -32,7 +32,8 @@
 # A tiny random model with a word-level tokenizer built here runs everything in seconds. The cells
 # that use the real SmolLM2-135M run only with **`LLM2VEC_MINI_REAL=1`** in the environment (and the
 # model in the cache: `python -m llm2vec_mini download smollm2`); otherwise they print that they were
-# skipped. STS-B is read from `../../shared/data` or `$LLM2VEC_MINI_DATA`, and skipped when absent.
+# skipped. STS-B is read from the data folder (`$LLM2VEC_MINI_DATA`, the download cache of
+# `python -m llm2vec_mini download data`, or `../../shared/data`), and skipped when there is none.
 
 # %% [markdown]
 # **Assumes:** [tutorials 01](01_llama_from_scratch.ipynb) and [02](02_bidirectional_attention.ipynb): hidden states, attention masks, left padding.
@@ -44,7 +45,6 @@
 
 # %%
 import os
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -291,14 +291,14 @@ plt.show()
 # %%
 from llm2vec_mini.data import STSSubset, load_sts
 from llm2vec_mini.evaluate import cosine_scores, evaluate_sts
+from llm2vec_mini.hub import find_data_dir
 
-DATA = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data"))
-STS_DEV = DATA / "stsbenchmark" / "sts-dev.csv"
-dev = load_sts(STS_DEV)[0] if STS_DEV.is_file() else None
+DATA = find_data_dir(needs=["stsbenchmark/sts-dev.csv"])  # $LLM2VEC_MINI_DATA, the download cache, ../shared/data
+dev = load_sts(DATA / "stsbenchmark" / "sts-dev.csv")[0] if DATA else None
 if dev is None:
     if os.environ.get("LLM2VEC_MINI_REQUIRE_DATA") == "1":
-        raise FileNotFoundError(f"{STS_DEV} not found (LLM2VEC_MINI_REQUIRE_DATA=1)")
-    print(f"skipped: {STS_DEV} not found (set LLM2VEC_MINI_DATA to the shared data folder)")
+        raise FileNotFoundError("no data folder holds stsbenchmark/sts-dev.csv (LLM2VEC_MINI_REQUIRE_DATA=1)")
+    print("skipped: no data folder holds stsbenchmark/sts-dev.csv (python -m llm2vec_mini download data)")
 else:
     sample = STSSubset("sts-dev (every 15th pair)", dev.sentences1[::15], dev.sentences2[::15],
                        dev.scores[::15])
@@ -346,7 +346,7 @@ real_scores = {}
 if not REAL:
     print("skipped: set LLM2VEC_MINI_REAL=1 to run SmolLM2 on STS-B dev")
 elif dev is None:
-    print(f"skipped: {STS_DEV} not found")
+    print("skipped: no data folder holds stsbenchmark/sts-dev.csv")
 else:
     import llm2vec_mini
 

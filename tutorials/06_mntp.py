@@ -324,13 +324,14 @@ WORK.cleanup()  # remove the adapter and the log written above
 
 # %%
 from llm2vec_mini.data import read_lines
-from llm2vec_mini.hub import smollm2_path
+from llm2vec_mini.hub import find_data_dir, smollm2_path
 
-WIKITEXT = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data")) / "wikitext-2" / "valid.txt"
+DATA = find_data_dir(needs=["wikitext-2/valid.txt"])  # $LLM2VEC_MINI_DATA, the download cache, ../shared/data
+WIKITEXT = DATA / "wikitext-2/valid.txt" if DATA else None
 if not REAL:
     print("skipped: set LLM2VEC_MINI_REAL=1 to measure SmolLM2's MNTP loss")
-elif not WIKITEXT.is_file():
-    print(f"skipped: {WIKITEXT} not found")
+elif WIKITEXT is None:
+    print("skipped: no data folder holds wikitext-2/valid.txt (python -m llm2vec_mini download data)")
 else:
     import llm2vec_mini
 

@@ -263,13 +263,14 @@ WORK.cleanup()  # remove the adapter and the log written above
 
 # %%
 from llm2vec_mini.data import read_lines
-from llm2vec_mini.hub import smollm2_path
+from llm2vec_mini.hub import find_data_dir, smollm2_path
 
-WIKI1M = Path(os.environ.get("LLM2VEC_MINI_DATA", "../../shared/data")) / "wiki1m_slice" / "wiki1m_for_simcse.first11914.txt"
+DATA = find_data_dir(needs=["wiki1m_slice/wiki1m_for_simcse.first11914.txt"])  # $LLM2VEC_MINI_DATA, the download cache, ../shared/data
+WIKI1M = DATA / "wiki1m_slice/wiki1m_for_simcse.first11914.txt" if DATA else None
 if not REAL:
     print("skipped: set LLM2VEC_MINI_REAL=1 to measure SmolLM2's SimCSE loss")
-elif not WIKI1M.is_file():
-    print(f"skipped: {WIKI1M} not found")
+elif WIKI1M is None:
+    print("skipped: no data folder holds wiki1m_slice/wiki1m_for_simcse.first11914.txt (python -m llm2vec_mini download data)")
 else:
     import llm2vec_mini
 

@@ -42,8 +42,9 @@
 # * With **`LLM2VEC_MINI_REAL=1`** in the environment it runs SmolLM2-135M-Instruct
 #   ([Allal et al., 2025](https://arxiv.org/abs/2502.02737)) with the demo's recipe (`demo.Recipe()`):
 #   MNTP on WikiText-2, SimCSE on Wikipedia sentences, scores on the first 400 pairs of STS-B dev. It
-#   needs the model in the cache (`python -m llm2vec_mini download smollm2`) and the data folder
-#   (`../../shared/data` or `$LLM2VEC_MINI_DATA`), and takes 10 to 20 minutes on two CPU cores.
+#   needs the model in the cache (`python -m llm2vec_mini download smollm2`) and finds the data as the
+#   demo does (`$LLM2VEC_MINI_DATA`, the download cache, `../../shared/data`; downloaded when there is
+#   none), and takes 10 to 20 minutes on two CPU cores.
 
 # %% [markdown]
 # **Assumes:** the whole path: [01](01_llama_from_scratch.ipynb), [02](02_bidirectional_attention.ipynb), [04](04_pooling_and_encoding.ipynb), [05](05_lora.ipynb), [06](06_mntp.ipynb), [07](07_simcse.ipynb).
@@ -75,7 +76,7 @@ from llm2vec_mini.demo import (
     PAPER_MTEB15,
     STAGES,
     Recipe,
-    find_data_dir,
+    demo_data_dir,
     load_demo_data,
     tiny_model,
     write_outputs,
@@ -91,7 +92,7 @@ REAL = os.environ.get("LLM2VEC_MINI_REAL") == "1"  # the one switch for the heav
 if REAL:  # SmolLM2 and the demo's recipe; threads as the environment sets them (OMP_NUM_THREADS)
     RECIPE = Recipe()
     MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)"
-    DATA_DIR = find_data_dir()  # $LLM2VEC_MINI_DATA or ../shared/data beside the repository
+    DATA_DIR = demo_data_dir()  # the demo's data folder, downloaded when there is none (None offline)
     if DATA_DIR is None and os.environ.get("LLM2VEC_MINI_REQUIRE_DATA") == "1":
         raise FileNotFoundError("LLM2VEC_MINI_REAL=1 and LLM2VEC_MINI_REQUIRE_DATA=1, but no data folder")
 

@@ -34,10 +34,14 @@ VOCAB = {"llama-spm": dict(vocab_size=32000, bos_token_id=1, eos_token_id=2),
 
 
 def _data_dir() -> Path:
-    """../shared/data, with tests/conftest.py's rule: skip when absent, fail under REQUIRE_DATA=1."""
-    path = Path(os.environ.get("LLM2VEC_MINI_DATA", REPO.parent / "shared" / "data"))
-    if not path.is_dir():
-        reason = f"data folder {path} not found"
+    """The data folder (`hub.find_data_dir`'s order), with tests/conftest.py's rule: skip when absent,
+    fail under REQUIRE_DATA=1."""
+    from llm2vec_mini.hub import find_data_dir
+    try:
+        path, reason = find_data_dir(), "no data folder ($LLM2VEC_MINI_DATA, download cache, ../shared/data)"
+    except FileNotFoundError as e:
+        path, reason = None, str(e)
+    if path is None:
         if os.environ.get("LLM2VEC_MINI_REQUIRE_DATA") == "1":
             pytest.fail(f"{reason} (LLM2VEC_MINI_REQUIRE_DATA=1)")
         pytest.skip(reason)
