@@ -36,7 +36,7 @@ _mntp_loss = mntp.mntp_loss
 _contrastive_loss = simcse.contrastive_loss
 _pool = pooling.pool
 _load_file = safetensors.load_file
-_dequantize = gguf.dequantize
+_q8_0, _q4_1 = gguf._DEQUANTISERS[8], gguf._DEQUANTISERS[3]  # the loader's block kernels (blocks, out)
 _unpermute_qk = gguf.unpermute_qk
 
 
@@ -218,7 +218,7 @@ def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
     signed bytes q_0 .. q_31. Weight j of a block is d * q_j, computed in float32.
     Returns float32 (n_blocks * 32,). Taught in tutorials/03_loading_real_weights, section 2.
     """
-    return _dequantize(raw, 8, (raw.size // 34 * 32,))  # ggml type 8 = Q8_0
+    return _blocks(raw, 34, _q8_0)
 
 
 def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
@@ -229,7 +229,15 @@ def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
     block is d * q_j + m, computed in float32. Returns float32 (n_blocks * 32,).
     Taught in tutorials/03_loading_real_weights, section 2.
     """
-    return _dequantize(raw, 3, (raw.size // 20 * 32,))  # ggml type 3 = Q4_1
+    return _blocks(raw, 20, _q4_1)
+
+
+def _blocks(raw: np.ndarray, nbytes: int, kernel) -> np.ndarray:
+    """Run one of the GGUF loader's block kernels on every block: (n * nbytes,) uint8 -> (n * 32,)."""
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, nbytes)  # (n, bytes per block)
+    out = np.empty((blocks.shape[0], 32), dtype=np.float32)
+    kernel(blocks, out)
+    return out.reshape(-1)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
