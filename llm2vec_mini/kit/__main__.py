@@ -121,7 +121,7 @@ def _cmd_worker(args) -> int:
     return grading.worker(args.impl, args.exercise, args.hidden)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llm2vec_mini.kit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("new", help="write a fresh stub file to start from")
@@ -167,8 +167,11 @@ def main(argv=None) -> int:
     p.add_argument("--exercise", nargs="+")
     p.add_argument("--hidden")
     p.set_defaults(run=_cmd_worker)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except Llm2VecMiniError as e:

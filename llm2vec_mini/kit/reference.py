@@ -250,3 +250,8 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     section 3.
     """
     return _unpermute_qk(w, n_head)
+
+
+# The reference solution by name: `kit.use` leaves a submission's copy of these in place (they are the
+# package's own code already).
+SOLUTION = {name: globals()[name] for name in __all__}
