@@ -14,6 +14,7 @@ import ast
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -373,7 +374,9 @@ def test_grade_prints_the_expected_table_and_stops_what_runs_away(tmp_path, caps
     assert "wrong_e04 e04: failed: attention(q shape (2, 6, 6, 8) float32" in why
     assert "bad e01: forbidden: uses torch's rms_norm (line" in why and "(its check: passed)" in why
     assert "bad e02: failed: stopped after 10 s, still running (an endless loop, or far too slow)" in why
-    assert "bad e03: failed: ran out of memory (the limit is 2048 MB)" in why
+    held = re.search(r"bad e03: failed: ran out of memory \(the limit is 2048 MB; it held (\d+) MB at most",
+                     why)
+    assert held and int(held.group(1)) <= 2048  # stopped by the limit (not by the kernel's map count)
     with open(tmp_path / "grades.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["student"] + IDS + ["points", "notes"]
@@ -382,6 +385,7 @@ def test_grade_prints_the_expected_table_and_stops_what_runs_away(tmp_path, caps
     assert rows[5][1:6] == ["0", "0", "0", "0", "1"] and "endless loop" in rows[5][14]
 
 
+@pytest.mark.slow
 def test_the_worker_reports_json_lines_and_keeps_prints_off_them(tmp_path):
     chatty = tmp_path / "chatty.py"
     chatty.write_text("print('hello from the module')\n\ndef rms_norm(x, weight, eps):\n"
@@ -399,6 +403,7 @@ def test_the_worker_reports_json_lines_and_keeps_prints_off_them(tmp_path):
 # -------------------------------------------------------------------------------------------------
 # pytest, for a student
 
+@pytest.mark.slow
 def test_the_checks_run_under_plain_pytest_for_a_students_file():
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
                LLM2VEC_MINI_KIT_IMPL=str(KIT / "wrong" / "e04_repeat.py"))

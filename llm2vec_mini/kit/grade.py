@@ -170,8 +170,18 @@ def worker(impl: str, exercises, hidden=None) -> int:
     for exercise in select(exercises):
         send(event="start", exercise=exercise.id)
         result = run_check(module, exercise.id, hidden_checks)
-        send(event="result", exercise=exercise.id, status=result.status, message=result.message)
+        send(event="result", exercise=exercise.id, status=result.status, message=result.message,
+             peak_mb=_peak_mb())
     return 0
+
+
+def _peak_mb():
+    """The most address space this process has held so far, in MB (VmPeak; Linux), or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next((int(line.split()[1]) // 1024 for line in f if line.startswith("VmPeak:")), None)
+    except OSError:
+        return None
 
 
 def _limits(memory_mb: int, cpu_s: int):
@@ -267,7 +277,9 @@ def _follow(process, lines, pending, results, timeout, memory_mb, stderr) -> Non
         elif kind == "result":
             message = event["message"]
             if message.startswith("ran out of memory") or "can't allocate memory" in message:
-                message = f"ran out of memory (the limit is {memory_mb} MB): {message}"
+                peak = event.get("peak_mb")
+                held = f"; it held {peak} MB at most" if peak is not None else ""
+                message = f"ran out of memory (the limit is {memory_mb} MB{held}): {message}"
             results[current] = Result(current, event["status"], message)
             pending.remove(current)
             current, deadline = None, time.monotonic() + timeout
