@@ -12,7 +12,7 @@ The pieces, one idea per module:
     exercises.py   the twelve exercises: what a student writes, where it is taught, what it mirrors
     reference.py   each exercise's signature and docstring, answered by the package (the solution)
     stub.py        a student's starting file, generated from reference.py
-    checks.py      one check per exercise, against computations written in the check
+    checks/        one check per exercise, against computations written in the check
     run.py         load an implementation, run the checks, hidden checks of an instructor
     swap.py        `use(impl)`: the student's code inside the real model
     grade.py       a class: one process per submission, time and memory limits, forbidden shortcuts

@@ -12,7 +12,7 @@ Instructors' hidden checks (`kit grade --hidden DIR`, or `check --hidden DIR`) a
 that define functions `check_e03(impl)` and so on, with the built-in checks' contract: take the
 implementation (a module: `impl.build_attention_mask`), raise AssertionError (or
 `checks.CheckFailed`) with a message when a property fails. They run after the built-in check of the
-same exercise; they may use the helpers in `checks.py` (`need`, `expect`, `expect_close`).
+same exercise; they may use the helpers of `kit.checks` (`need`, `expect`, `expect_close`).
 """
 
 from __future__ import annotations
