@@ -422,6 +422,7 @@ def test_the_checks_run_under_plain_pytest_for_a_students_file():
 # The exercise notebooks
 
 def test_the_committed_exercise_notebooks_are_what_the_generator_writes():
+    pytest.importorskip("jupytext")
     assert notebooks.stale() == [], "run `python -m llm2vec_mini.kit notebooks` (or make exercises)"
     assert sorted(p.stem for p in notebooks.EXERCISES_DIR.glob("*.ipynb")) == sorted(notebooks.BLANKS)
 
@@ -449,6 +450,7 @@ def test_each_exercise_notebook_blanks_its_derivations(stem):
 
 
 def test_a_blank_that_names_nothing_or_two_places_is_an_error(monkeypatch):
+    pytest.importorskip("jupytext")
     monkeypatch.setitem(notebooks.BLANKS, "02_bidirectional_attention",
                         [notebooks.Blank("gone_by_hand", "x")])
     with pytest.raises(ConfigError, match="'gone_by_hand' matches 0"):
@@ -494,6 +496,7 @@ def test_an_exercise_notebook_stops_at_its_first_blank():
 
 @pytest.mark.notebook
 def test_a_tutorial_runs_on_the_students_code(tmp_path, capsys):
+    pytest.importorskip("nbclient")
     own = own_copy(tmp_path)
     code, out, err = cli(capsys, "tutorial", "02", "--impl", str(own))
     assert code == 0, err

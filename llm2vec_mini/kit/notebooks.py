@@ -23,9 +23,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import jupytext
-import nbformat
-
 from ..errors import ConfigError
 
 TUTORIALS = Path(__file__).resolve().parents[2] / "tutorials"
@@ -106,12 +103,15 @@ def _blanked(source: str, node, blank: Blank) -> str:
         first, last, indent = node.lineno, node.end_lineno, " " * node.col_offset
         what = f"compute {blank.name}"
     replacement = [f"{indent}# EXERCISE: {blank.hint}",
-                   f"{indent}raise NotImplementedError({f'exercise: {what} (the equation is above)'!r})"]
+                   f"{indent}raise NotImplementedError({f'exercise: {what} (see the text above)'!r})"]
     return "\n".join(lines[:first - 1] + replacement + lines[last:])
 
 
-def exercise_notebook(stem: str) -> nbformat.NotebookNode:
-    """The exercise version of tutorials/{stem}.py, unexecuted."""
+def exercise_notebook(stem: str):
+    """The exercise version of tutorials/{stem}.py, unexecuted (an nbformat notebook)."""
+    import jupytext  # the tutorials' own tools (requirements-dev.txt), needed only here
+    import nbformat
+
     tutorial = jupytext.read(TUTORIALS / f"{stem}.py")
     code = [c.source for c in tutorial.cells if c.cell_type == "code"]
     for blank in BLANKS[stem]:  # each must name exactly one place in the tutorial
@@ -152,6 +152,8 @@ def _header(stem: str, tutorial) -> str:
 
 
 def text(stem: str) -> str:
+    import nbformat
+
     return nbformat.writes(exercise_notebook(stem)) + "\n"
 
 
