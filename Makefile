@@ -6,7 +6,7 @@ REF_VENV := .venv-ref
 REF_PY := $(REF_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint tutorials lab demo model data test-reference reference-setup bench reproduce clean
+.PHONY: setup test test-fast lint tutorials exercises lab demo model data test-reference reference-setup bench reproduce clean
 
 # Re-runs are no-ops: the stamp is newer than both requirement files.
 setup: $(VENV)/.stamp
@@ -39,6 +39,10 @@ test-fast: setup lint
 # Execute every tutorial (the SmolLM2 cells too) and write its outputs into the committed notebook.
 tutorials: setup model
 	$(PY) tutorials/execute.py --real
+
+# The exercise notebooks (tutorials/exercises/): the tutorials with their hand derivations left blank.
+exercises: setup
+	$(PY) -m llm2vec_mini.kit notebooks
 
 # JupyterLab on the tutorials (an optional extra, requirements-lab.txt; opens the .py sources as notebooks too).
 lab: setup
