@@ -6,7 +6,7 @@ REF_VENV := .venv-ref
 REF_PY := $(REF_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint tutorials exercises lab demo model data test-reference reference-setup bench reproduce clean
+.PHONY: setup test test-fast lint tutorials exercises lab demo model data test-reference reference-setup bench reproduce fuzz clean
 
 # Re-runs are no-ops: the stamp is newer than both requirement files.
 setup: $(VENV)/.stamp
@@ -48,6 +48,11 @@ exercises: setup
 lab: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lab.txt
 	$(PY) -m jupyter lab tutorials
+
+# The fuzz suite at length (make test runs one round of it): more rounds of mutations, other seeds.
+FUZZ_ROUNDS ?= 12
+fuzz: setup
+	LLM2VEC_MINI_FUZZ_ROUNDS=$(FUZZ_ROUNDS) $(PY) -m pytest tests/test_fuzz.py $(PYTEST_ARGS)
 
 # Without a data folder the demo downloads its data first; offline it says how to get data in one
 # line and runs its labelled smoke corpus.

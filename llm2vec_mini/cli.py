@@ -2,7 +2,7 @@
 
     download smollm2      fetch the real model into the local cache, print its path
     download data         fetch the data (STS-B, WikiText-2, wiki1m, UD, vocabularies) into the cache
-    encode                texts (one per line) -> embeddings (.npy)
+    encode                a corpus (text or JSON lines) -> embeddings (.npy); resumes, runs under torchrun
     eval-sts              STS-B / SemEval / SICK: Spearman and Pearson x 100 on cosine similarity
     eval-probe            a linear UPOS probe on frozen token states (word-level quality)
     eval-mteb             MTEB tasks by name, with the official instructions (needs mteb and a network)
@@ -29,23 +29,38 @@ def _encoder(args):
     from .encoder import LLM2Vec
     # options left out (None) fall back to the settings saved with the model or adapter, then defaults
     return LLM2Vec.from_pretrained(args.model, adapters=args.adapter, pooling=args.pooling,
-                                   bidirectional=False if args.causal else None, device=_device(args))
+                                   bidirectional=False if args.causal else None, device=_device(args),
+                                   dtype=args.dtype)
 
 
 def _device(args) -> str:
     """--device, checked: a name torch knows, and CUDA only where there is a GPU; default CUDA if any."""
     import torch
+
+    from .util import torch_device
     if args.device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device: unknown device {args.device!r} (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: this machine has no CUDA GPU that torch can use")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {args.device}: there are only {torch.cuda.device_count()} GPUs")
+    torch_device(args.device, "--device")
     return args.device
+
+
+def _check_output(path, flag: str, folder: bool) -> None:
+    """Before any work: `path` can be written as a file (folder=False) or a folder (folder=True).
+
+    A directory where a file is expected, a file where a folder is expected, or a file on the way
+    to either, is a ConfigError naming the option, not a traceback after minutes of work.
+    """
+    from .util import is_dir, is_file
+    path = Path(path)
+    if folder and is_file(path):
+        raise ConfigError(f"{flag} {path}: an existing file, where a folder is expected")
+    if not folder and is_dir(path):
+        raise ConfigError(f"{flag} {path}: a folder, where a file is expected")
+    parent = next((p for p in path.parents if is_dir(p) or is_file(p)), None)  # the nearest that exists
+    if parent is not None and is_file(parent):
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not folder and not is_dir(path.parent):
+        raise ConfigError(f"{flag} {path}: its folder {path.parent} does not exist")
 
 
 def _with_instruction(texts, instruction):
@@ -62,20 +77,24 @@ def _cmd_download(args) -> int:
 
 
 def _cmd_encode(args) -> int:
-    import numpy as np
-
-    from .data import read_lines
-    texts = read_lines(args.input, skip_empty=False)
-    emb = _encoder(args).encode(_with_instruction(texts, args.instruction), batch_size=args.batch_size,
-                                normalize=args.normalize)
-    np.save(args.output, emb)
-    print(f"{len(texts)} texts -> {args.output} {emb.shape}")
+    from .corpus import encode_corpus
+    from .distributed import init_distributed, world
+    _check_output(args.output, "--output", folder=False)
+    init_distributed(_device(args))  # under torchrun: join the group before the model picks its GPU
+    run = encode_corpus(_encoder(args), args.input, args.output, instruction=args.instruction,
+                        format=args.format, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                        normalize=args.normalize, overwrite=args.overwrite)
+    rank, size = world()
+    print(f"{f'rank {rank} of {size}: ' if size > 1 else ''}{run.shape[0]} texts -> {run.output} "
+          f"{run.shape}; chunks: {run.n_chunks}, encoded here {run.encoded}, by an earlier run {run.earlier}")
     return 0
 
 
 def _cmd_eval_sts(args) -> int:
     from .data import load_sts
     from .evaluate import evaluate_sts, format_table
+    if args.output:
+        _check_output(args.output, "--output", folder=False)
     subsets = load_sts(args.data, format=args.format)
     enc = _encoder(args)
     results = evaluate_sts(lambda s: enc.encode(_with_instruction(s, args.instruction),
@@ -132,10 +151,11 @@ def _cmd_eval_mteb(args) -> int:
 def _train_config(args):
     from .train import TrainConfig
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                       lr=args.lr, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
+                       seed=args.seed,
                        checkpoint_every=args.checkpoint_every,
                        gradient_checkpointing=args.gradient_checkpointing, device=_device(args),
-                       bf16=args.bf16)
+                       dtype="bfloat16" if args.bf16 else args.dtype)
 
 
 def _lora_settings(args):
@@ -145,8 +165,9 @@ def _lora_settings(args):
 
 def _cmd_train_mntp(args) -> int:
     from .recipes import MNTPSettings, train_mntp
+    _check_output(args.output, "--output", folder=True)
     mntp = MNTPSettings(block_size=args.block_size, mask_ratio=args.mask_ratio, all_mask=args.all_mask,
-                        max_blocks=args.max_blocks)
+                        max_blocks=args.max_blocks, train_lm_head=args.train_lm_head)
     out = train_mntp(args.model, args.data, args.output, _train_config(args), mntp, _lora_settings(args),
                      resume=args.resume, overwrite=args.overwrite)
     print(out)
@@ -155,8 +176,10 @@ def _cmd_train_mntp(args) -> int:
 
 def _cmd_train_simcse(args) -> int:
     from .recipes import SimCSESettings, train_simcse
+    _check_output(args.output, "--output", folder=True)
     simcse = SimCSESettings(max_length=args.max_length, pooling=args.pooling, scale=args.scale,
-                            attention_dropout=args.attention_dropout)
+                            attention_dropout=args.attention_dropout,
+                            pool_all_positions=args.pool_all_positions)
     out = train_simcse(args.model, args.adapter, args.data, args.output, _train_config(args), simcse,
                        _lora_settings(args), resume=args.resume, overwrite=args.overwrite,
                        max_sentences=args.max_sentences)
@@ -166,6 +189,8 @@ def _cmd_train_simcse(args) -> int:
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
+    if args.out:
+        _check_output(args.out, "--out", folder=True)
     return run_demo(args)
 
 
@@ -181,6 +206,9 @@ def _model_args(p, pooling=True):
                             "else bidirectional")
         p.add_argument("--instruction", default="", help="an instruction put before every text")
         p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="the matrix products' dtype; auto: bf16 where a probe finds it faster here "
+                            "(the layers after the model's massive activations; the rest stays fp32)")
 
 
 def _train_args(p, steps, batch, lr):
@@ -190,6 +218,9 @@ def _train_args(p, steps, batch, lr):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="the step where the linear decay reaches 0 (default: --steps; the official "
+                        "scripts decay over 3 epochs and stop early)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -199,7 +230,9 @@ def _train_args(p, steps, batch, lr):
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --output holding an earlier run (deletes its checkpoints, log)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPUs)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="the matrix products' dtype; auto: bf16 where a probe finds it faster here")
+    p.add_argument("--bf16", action="store_true", help="the same as --dtype bfloat16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,8 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode", help="embed the lines of a text file into a .npy array")
     _model_args(p)
-    p.add_argument("--input", required=True, help="a UTF-8 text file, one text per line")
-    p.add_argument("--output", required=True, help="where to write the (N, hidden) float32 .npy")
+    p.add_argument("--input", required=True,
+                   help="a UTF-8 file: one text per line, or JSON lines with \"text\" and an optional "
+                        "\"instruction\" (which replaces --instruction)")
+    p.add_argument("--format", default="auto", choices=["auto", "lines", "jsonl"],
+                   help="auto (default): jsonl for a .jsonl file, else lines")
+    p.add_argument("--output", required=True,
+                   help="the (N, hidden) float32 .npy to write; OUT.partial and OUT.progress.*.json "
+                        "beside it until it is done")
+    p.add_argument("--chunk-size", type=int, default=1024,
+                   help="lines encoded, written and recorded together (sorted by length inside)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: replace a finished --output or an unfinished run of other input, "
+                        "model or settings (the same command otherwise resumes an interrupted run)")
     p.add_argument("--normalize", action="store_true")
     p.set_defaults(func=_cmd_encode)
 
@@ -260,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratio", type=float, default=0.2)
     p.add_argument("--all-mask", action="store_true", help="always the mask token (no 80/10/10)")
     p.add_argument("--max-blocks", type=int, default=None, help="use at most this many blocks")
+    p.add_argument("--train-lm-head", action="store_true",
+                   help="also train lm_head (not saved), as the official run does for untied heads")
     p.set_defaults(func=_cmd_train_mntp)
 
     p = sub.add_parser("train-simcse", help="LLM2Vec step 3: unsupervised SimCSE (LoRA)")
@@ -272,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-dropout", type=float, default=0.3)
     p.add_argument("--scale", type=float, default=20.0, help="1 / temperature")
     p.add_argument("--pooling", default="mean", choices=POOLING_MODES)
+    p.add_argument("--pool-all-positions", action="store_true",
+                   help="mean over the whole padded row, as the official training pools (not encode)")
     p.add_argument("--max-sentences", type=int, default=None)
     p.set_defaults(func=_cmd_train_simcse)
 
@@ -283,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a tiny random model (a smoke run, for tests)")
     p.add_argument("--recipe", default="demo", choices=["demo", "reproduce"],
                    help="demo: minutes, 400 STS-B dev pairs; reproduce: about half an hour, all 1,500")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                   help="the matrix products' dtype in training and encoding (default float32: the "
+                        "same numbers on every machine); auto: bf16 where a probe finds it faster")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -294,6 +345,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (Llm2VecMiniError, FileNotFoundError, ValueError) as e:
+    except (Llm2VecMiniError, FileNotFoundError) as e:  # bad input; anything else is a bug: its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

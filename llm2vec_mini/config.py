@@ -19,6 +19,10 @@ from .errors import ConfigError
 from .util import is_int, is_number
 
 # Rope scalings we implement: none at all, linear position interpolation, and Llama-3's.
+# No dimension of a real Llama comes near 2^31 (torch indexes with 32 bits in places); a number above
+# it in a config file is garbage, refused before anything is sized by it.
+MAX_SIZE = 2**31 - 1
+
 _ROPE_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -60,31 +64,32 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
-            if not is_int(value) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if not is_int(value) or not 0 < value <= MAX_SIZE:
+                raise ConfigError(f"{name} must be a positive integer below 2**31, got {value!r}")
         head_dim = self.head_dim
         if head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(f"hidden_size ({self.hidden_size}) is not divisible by "
                                   f"num_attention_heads ({self.num_attention_heads})")
             head_dim = self.hidden_size // self.num_attention_heads
-        if not is_int(head_dim) or head_dim <= 0 or head_dim % 2:
+        if not is_int(head_dim) or not 0 < head_dim <= MAX_SIZE or head_dim % 2:
             raise ConfigError(f"head_dim must be a positive even integer (rotary embeddings rotate "
                               f"pairs), got {head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) is not divisible by "
                               f"num_key_value_heads ({self.num_key_value_heads})")
-        if not self.rope_theta > 0:
+        if not (is_number(self.rope_theta) and self.rope_theta > 0):
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
-        if not self.rms_norm_eps > 0:
+        if not (is_number(self.rms_norm_eps) and self.rms_norm_eps > 0):
             raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        if not 0.0 <= self.attention_dropout < 1.0:
+        if not (is_number(self.attention_dropout) and 0.0 <= self.attention_dropout < 1.0):
             raise ConfigError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
-        if not isinstance(self.causal, bool):
-            raise ConfigError(f"causal must be True or False, got {self.causal!r}")
+        for name in ("causal", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 0 <= value < self.vocab_size):
+            if value is not None and not (is_int(value) and 0 <= value < self.vocab_size):
                 raise ConfigError(f"{name} must be None or a token id below vocab_size "
                                   f"({self.vocab_size}), got {value!r}")
 
@@ -137,7 +142,7 @@ class LlamaConfig:
             value = hf.get(name)
             if isinstance(value, list):  # Llama-3 lists several eos ids; the first is the main one
                 value = value[0] if value else None
-            if isinstance(value, int) and value < 0:  # some files say -1 for "none"
+            if is_int(value) and value < 0:  # some files say -1 for "none"
                 value = None
             return value
 

@@ -26,10 +26,11 @@ from .config import LlamaConfig
 from .convert.hf import load_pretrained
 from .data import STSSubset, load_sts, read_lines
 from .encoder import LLM2Vec
-from .errors import DownloadError
+from .errors import ConfigError, DownloadError
 from .evaluate import evaluate_sts
 from .hub import DATA_URL_ENV, download_data, download_smollm2, find_data_dir, groups_of
 from .model import LlamaForCausalLM
+from .precision import compute_dtype
 from .recipes import LoRASettings, MNTPSettings, SimCSESettings, mntp_stage, simcse_stage
 from .tokenizer import Tokenizer
 from .train import TrainConfig
@@ -56,15 +57,17 @@ class Recipe:
     lora_r: int = 16
     lora_alpha: float = 32.0
 
-    def mntp_config(self, seed: int, device: str) -> TrainConfig:
+    def mntp_config(self, seed: int, device: str, dtype: str = "float32") -> TrainConfig:
         """The trainer settings of the MNTP stage (what `train-mntp` takes as options)."""
         return TrainConfig(steps=self.mntp_steps, batch_size=self.mntp_batch, lr=self.mntp_lr,
-                           warmup_steps=max(1, self.mntp_steps // 10), seed=seed, device=device)
+                           warmup_steps=max(1, self.mntp_steps // 10), seed=seed, device=device,
+                           dtype=dtype)
 
-    def simcse_config(self, seed: int, device: str) -> TrainConfig:
+    def simcse_config(self, seed: int, device: str, dtype: str = "float32") -> TrainConfig:
         """The trainer settings of the SimCSE stage (what `train-simcse` takes as options)."""
         return TrainConfig(steps=self.simcse_steps, batch_size=self.simcse_batch, lr=self.simcse_lr,
-                           warmup_steps=max(1, self.simcse_steps // 10), seed=seed, device=device)
+                           warmup_steps=max(1, self.simcse_steps // 10), seed=seed, device=device,
+                           dtype=dtype)
 
     def scaled(self, factor: float) -> "Recipe":
         return replace(self, eval_pairs=max(50, min(1500, int(self.eval_pairs * factor))),
@@ -160,16 +163,16 @@ def tiny_recipe(recipe: Recipe = Recipe()) -> Recipe:
     return replace(recipe, mntp_block=16, mntp_steps=3, simcse_steps=3, eval_pairs=12)
 
 
-def score(model, tokenizer, pairs, causal: bool) -> float:
+def score(model, tokenizer, pairs, causal: bool, dtype: str = "float32") -> float:
     device = next(model.parameters()).device
-    encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=not causal, device=device)
+    encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=not causal, device=device, dtype=dtype)
     result = evaluate_sts(lambda s: encoder.encode(s, batch_size=32, show_progress_bar=True), [pairs])
     model.model.set_causal(False)
     return result[pairs.name]["spearman"]
 
 
 def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_name: str,
-                  seed: int = 42) -> str:
+                  seed: int = 42, dtype: str = "float32") -> str:
     ours_label = "ours: smoke pairs (not STS-B)" if smoke else "ours: STS-B dev"
     rows = [("stage", ours_label, "paper: S-LLaMA-1.3B, MTEB-15 avg")]
     for stage in STAGES:
@@ -178,7 +181,7 @@ def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_n
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    note = [f"model: {model_name}; Spearman x 100 of cosine, mean pooling; seed {seed}.",
+    note = [f"model: {model_name}; Spearman x 100 of cosine, mean pooling; seed {seed}; dtype {dtype}.",
             f"paper column: LLM2Vec (arXiv 2404.05961) Table 5, Sheared-LLaMA-1.3B, 15-task MTEB average"
             f" (its STS-B for the full model: {PAPER_STSB_FULL}, Table 11); a different model and data."]
     if smoke:
@@ -186,7 +189,7 @@ def write_outputs(out: Path, results: dict, recipe: Recipe, smoke: bool, model_n
     table = "\n".join(lines + [""] + note)
     (out / "table.txt").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"results": results, "recipe": recipe.__dict__,
-                                                  "seed": seed,
+                                                  "seed": seed, "dtype": dtype,
                                                   "smoke": smoke, "model": model_name,
                                                   "paper_mteb15": PAPER_MTEB15}, indent=2))
     if not _chart(out, results, smoke):
@@ -219,7 +222,7 @@ def _chart(out: Path, results: dict, smoke: bool = False) -> bool:
 def run_demo(args) -> int:
     t0 = time.time()
     if not 0 < args.budget_minutes < 24 * 60:
-        raise ValueError(f"--budget-minutes must be positive and under a day, got {args.budget_minutes}")
+        raise ConfigError(f"--budget-minutes must be positive and under a day, got {args.budget_minutes}")
     if getattr(args, "recipe", "demo") == "reproduce":
         recipe = REPRODUCE  # its own, fixed budget (about half an hour); --budget-minutes does not apply
     else:
@@ -234,40 +237,43 @@ def run_demo(args) -> int:
         path = download_smollm2()
         model, tokenizer = load_pretrained(path)
         model_name, data_dir = "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", demo_data_dir(args.data_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 either way
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
+    dtype = getattr(args, "dtype", "float32")  # of the matrix products, in training and encoding
+    if dtype == "auto":  # decided once, so that the run records what it used
+        dtype = str(compute_dtype("auto", device)).removeprefix("torch.")
     pairs, paragraphs, sentences, smoke = load_demo_data(data_dir, recipe)
-    print(f"llm2vec-mini demo: {model_name} on {device}; {len(pairs)} STS pairs; output in {out}")
+    print(f"llm2vec-mini demo: {model_name} on {device}, {dtype}; {len(pairs)} STS pairs; output in {out}")
     if smoke:
         print("No data folder found: SMOKE DEMO on a small built-in corpus, not a benchmark.")
     seed = getattr(args, "seed", 42)  # every random draw of the run: adapters, batches, masks, dropout
     results = {}
     try:
         print("\n[1/4] Uni + mean: the decoder as it is")
-        results["Uni + mean"] = score(model, tokenizer, pairs, causal=True)
+        results["Uni + mean"] = score(model, tokenizer, pairs, True, dtype)
         print(f"      Spearman {results['Uni + mean']:.2f}")
         print("[2/4] Bi + mean: bidirectional attention, no training")
-        results["Bi + mean"] = score(model, tokenizer, pairs, causal=False)
+        results["Bi + mean"] = score(model, tokenizer, pairs, False, dtype)
         print(f"      Spearman {results['Bi + mean']:.2f}")
 
         print(f"[3/4] MNTP: {recipe.mntp_steps} steps of {recipe.mntp_batch} x {recipe.mntp_block} tokens")
         lora = LoRASettings(r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=0.05)
-        mntp_stage(model, tokenizer, paragraphs, recipe.mntp_config(seed, device), out / "mntp",
+        mntp_stage(model, tokenizer, paragraphs, recipe.mntp_config(seed, device, dtype), out / "mntp",
                    MNTPSettings(block_size=recipe.mntp_block), lora, overwrite=True)
-        results["Bi + MNTP"] = score(model, tokenizer, pairs, causal=False)
+        results["Bi + MNTP"] = score(model, tokenizer, pairs, False, dtype)
         print(f"      Spearman {results['Bi + MNTP']:.2f}")
 
         print(f"[4/4] SimCSE: {recipe.simcse_steps} steps of {recipe.simcse_batch} sentences")
         # the MNTP adapter is merged into the weights first, as in LLM2Vec
-        simcse_stage(model, tokenizer, sentences, recipe.simcse_config(seed, device), out / "simcse",
+        simcse_stage(model, tokenizer, sentences, recipe.simcse_config(seed, device, dtype), out / "simcse",
                      SimCSESettings(max_length=recipe.simcse_max_length), lora, overwrite=True)
-        results["Bi + MNTP + SimCSE"] = score(model, tokenizer, pairs, causal=False)
+        results["Bi + MNTP + SimCSE"] = score(model, tokenizer, pairs, False, dtype)
         print(f"      Spearman {results['Bi + MNTP + SimCSE']:.2f}")
     except KeyboardInterrupt:
         print("\nInterrupted: keeping what finished.")
-        print(write_outputs(out, results, recipe, smoke, model_name, seed))
+        print(write_outputs(out, results, recipe, smoke, model_name, seed, dtype))
         return 130
-    print("\n" + write_outputs(out, results, recipe, smoke, model_name, seed))
+    print("\n" + write_outputs(out, results, recipe, smoke, model_name, seed, dtype))
     chart = f"chart: {out / 'chart.png'}; " if (out / "chart.png").exists() else ""
     print(f"\nAdapters: {out / 'mntp'}, {out / 'simcse'}; {chart}{(time.time() - t0) / 60:.1f} minutes.")
     return 0

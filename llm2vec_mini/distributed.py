@@ -52,3 +52,9 @@ def init_distributed(device: str = "cpu") -> bool:
     if device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
+
+
+def barrier() -> None:
+    """Wait until every process gets here; nothing under one process."""
+    if world()[1] > 1:
+        dist.barrier()

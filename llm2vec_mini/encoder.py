@@ -29,16 +29,19 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .convert.checks import check_tokenizer
 from .convert.hf import load_pretrained, save_hf_dir
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .ops import fuse_projections
 from .pooling import POOLING_MODES, append_eos, pool
-from .util import decoder_of, is_int, left_pad, read_json
+from .precision import DtypeLike, compute_dtype, set_compute_dtype
+from .tokenizer import Tokenizer, check_text
+from .util import decoder_of, is_int, left_pad, read_json, torch_device
 
 SEPARATOR = "!@#$%^&*()"  # the official marker between instruction and text
 # The settings files beside the weights or in an adapter folder. The official library passes every
@@ -57,16 +60,22 @@ class LLM2Vec:
     mode, sets its attention direction, and fuses its projections for speed (`ops.fuse_projections`:
     the parameters stay the same objects with the same values, so an optimizer holding them keeps
     working). Keep a copy (`copy.deepcopy(model)`) if you need the model as it was.
+
+    dtype: the dtype of the matrix products. "auto" (the default) is bf16 where a short probe finds
+    bf16 products faster than fp32 on `device`, else fp32 (`precision.compute_dtype`); with bf16
+    the projections of the layers after the model's massive activations run in bf16 and everything
+    else stays fp32 (`precision.set_compute_dtype`). torch.float32: the plain fp32 model.
     """
 
     def __init__(self, model, tokenizer, pooling: str = "mean", bidirectional: bool = True,
                  max_length: int = 512, doc_max_length: int = 400, skip_instruction: bool = True,
-                 device=None):
-        if pooling not in POOLING_MODES:
-            raise ConfigError(f"pooling: unknown mode {pooling!r}; choose from {', '.join(POOLING_MODES)}")
-        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length)):
-            if not is_int(value) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                 device=None, dtype: DtypeLike = "auto"):
+        check_settings({"pooling_mode": pooling, "max_length": max_length, "doc_max_length": doc_max_length,
+                        "skip_instruction": skip_instruction, "bidirectional": bidirectional})
+        if not isinstance(tokenizer, Tokenizer):
+            raise ConfigError(f"tokenizer must be an llm2vec_mini Tokenizer, got {type(tokenizer).__name__}")
+        device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = compute_dtype(dtype, device)  # a bad dtype fails before the model is touched
         self.model = decoder_of(model)  # the LlamaModel; lm_head is not needed here
         self._full_model = model  # kept so that `save` writes an untied lm_head too
         self.tokenizer = tokenizer
@@ -74,15 +83,20 @@ class LLM2Vec:
         self.skip_instruction = skip_instruction
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
         if self.pad_id is None:
-            raise ConfigError("the tokenizer has no eos (or pad) token to pad with")
+            raise ConfigError("the tokenizer has no eos (or pad) token to pad with", tokenizer.path)
         if pooling == "bos_token" and not (tokenizer.add_bos and tokenizer.bos_id is not None):
             raise ConfigError("pooling: 'bos_token' needs a tokenizer that puts a BOS token first; "
-                             "this one does not (it would pool the first word instead)")
+                              "this one does not (it would pool the first word instead)", tokenizer.path)
         if pooling == "eos_token" and tokenizer.eos_id is None:
-            raise ConfigError("pooling: 'eos_token' needs a tokenizer with an eos token")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            raise ConfigError("pooling: 'eos_token' needs a tokenizer with an eos token", tokenizer.path)
+        check_tokenizer(tokenizer, self.model.config, tokenizer.path)  # every id has an embedding row
+        self.device = device
         self.model.to(self.device).eval().set_causal(not bidirectional)
         fuse_projections(self.model)  # q/k/v and gate/up as one GEMM each when encoding; same values
+        self.dtype = dtype
+        # with bf16: the blocks up to where massive activations are born, and those that move them
+        # later, stay fp32 (all of them with fp32)
+        self.fp32_blocks = set_compute_dtype(self.model, self.dtype)
 
     @property
     def bidirectional(self) -> bool:
@@ -96,18 +110,22 @@ class LLM2Vec:
     def from_pretrained(cls, path, adapters: Sequence = (), pooling: Optional[str] = None,
                         bidirectional: Optional[bool] = None, max_length: Optional[int] = None,
                         doc_max_length: Optional[int] = None, skip_instruction: Optional[bool] = None,
-                        dtype: torch.dtype = torch.float32, device=None) -> "LLM2Vec":
+                        dtype: DtypeLike = "auto", device=None) -> "LLM2Vec":
         """Load an HF directory or a `.gguf` file, merge PEFT `adapters` in order (MNTP first).
 
         Settings left as None come from an `llm2vec_config.json` beside the weights or in the last
         adapter (what `save` writes), else the defaults: mean pooling, bidirectional, max_length 512,
         doc_max_length 400, skip_instruction True. `device=None` means CUDA when available.
+        The weights load in fp32; `dtype` is the compute dtype of the matrix products (see LLM2Vec).
         """
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         if isinstance(adapters, (str, os.PathLike)):  # one adapter folder
             adapters = [adapters]
-        model, tokenizer = load_pretrained(path, adapters=adapters, dtype=dtype)
+        check_settings({k: v for k, v in {"pooling_mode": pooling, "bidirectional": bidirectional,
+                                           "max_length": max_length, "doc_max_length": doc_max_length,
+                                           "skip_instruction": skip_instruction}.items() if v is not None})
+        device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = compute_dtype(dtype, device)  # a bad dtype fails before the weights load
+        model, tokenizer = load_pretrained(path, adapters=adapters, dtype=torch.float32)
         settings = dict(DEFAULTS)
         for where in [Path(path)] + [Path(a) for a in adapters]:
             settings.update(read_settings(where))
@@ -117,7 +135,7 @@ class LLM2Vec:
         return cls(model, tokenizer, pooling=settings["pooling_mode"],
                    bidirectional=settings["bidirectional"], max_length=settings["max_length"],
                    doc_max_length=settings["doc_max_length"],
-                   skip_instruction=settings["skip_instruction"], device=device)
+                   skip_instruction=settings["skip_instruction"], device=device, dtype=dtype)
 
     def settings(self) -> dict:
         return {"pooling_mode": self.pooling, "max_length": self.max_length,
@@ -177,7 +195,7 @@ class LLM2Vec:
 
     def prepare(self, sentences) -> list[tuple[list[int], int]]:
         """Validate inputs and tokenise: one (ids, n_pooled) per sentence."""
-        out = []
+        pairs = []  # every item is checked before any is tokenised
         for i, item in enumerate(sentences):
             if isinstance(item, str):
                 instruction, text = "", item
@@ -186,9 +204,14 @@ class LLM2Vec:
                 instruction, text = item
             else:
                 raise ConfigError(f"sentences[{i}] must be a string or an [instruction, text] pair of "
-                                 f"two strings, got {item!r:.80}")
-            out.append(self._tokenize(*self._join(instruction, text)))
-        return out
+                                  f"two strings, got {item!r:.80}")
+            for part in (instruction, text):
+                try:
+                    check_text(part, f"sentences[{i}]")
+                except DataError as e:
+                    raise ConfigError(str(e)) from None
+            pairs.append((instruction, text))
+        return [self._tokenize(*self._join(instruction, text)) for instruction, text in pairs]
 
     def collate(self, items: list[tuple[list[int], int]]):
         """Left-pad a batch: input_ids, attention_mask, embed_mask, each (B, T)."""
@@ -204,11 +227,18 @@ class LLM2Vec:
     # ---------------------------------------------------------------------------------------------
 
     def encode(self, sentences, batch_size: int = 32, normalize: bool = False,
-               convert_to: str = "numpy", show_progress_bar: Optional[bool] = None
-               ) -> Union[np.ndarray, torch.Tensor]:
-        """Embed strings or [instruction, text] pairs: returns (N, hidden) float32, in input order."""
+               convert_to: str = "numpy", show_progress_bar: Optional[bool] = None,
+               on_batch: Optional[Callable[[int], None]] = None) -> Union[np.ndarray, torch.Tensor]:
+        """Embed strings or [instruction, text] pairs: returns (N, hidden) float32, in input order.
+
+        `on_batch(n)`, if given, is called after each batch with its number of texts (a progress bar
+        of one's own, as `corpus.encode_corpus` keeps).
+        """
         if isinstance(sentences, str):
             sentences = [sentences]
+        if isinstance(sentences, (bytes, dict, set, frozenset)) or not isinstance(sentences, Iterable):
+            raise ConfigError(f"sentences must be a string or a list of strings and [instruction, text] "
+                              f"pairs, got a {type(sentences).__name__}")
         if not is_int(batch_size) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if convert_to not in ("numpy", "torch"):
@@ -231,6 +261,8 @@ class LLM2Vec:
                 hidden = self.model(input_ids, attention)  # (B, T, H)
                 pooled_over = embed if self.skip_instruction else attention
                 out[idx] = pool(hidden, attention, pooled_over, self.pooling).float().cpu()
+            if on_batch is not None:
+                on_batch(len(idx))
         if normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out.numpy() if convert_to == "numpy" else out
@@ -246,7 +278,8 @@ def write_settings(folder, settings: dict) -> None:
 
 
 def read_settings(folder) -> dict:
-    """Whatever settings files `folder` holds (ours or the official library's), as one dict."""
+    """Whatever settings files `folder` holds (ours or the official library's), as one dict, each
+    field checked as `check_settings` does (ConfigError naming the file and the field)."""
     found = {}
     for name in (CONFIG_FILE, ATTENTION_FILE):
         file = Path(folder) / name
@@ -256,5 +289,19 @@ def read_settings(folder) -> dict:
             if unknown:
                 raise ConfigError(f"expected an object with some of {', '.join(DEFAULTS)}, got "
                                   f"{value!r:.120}", file)
+            check_settings(value, file)
             found.update(value)
     return found
+
+
+def check_settings(settings: dict, file=None) -> None:
+    """ConfigError naming the field (and the file) for a setting of the wrong type or value. JSON's
+    "false" is a string, and a string is true in Python: a flag must be true or false, not a word."""
+    for name, value in settings.items():
+        if name == "pooling_mode" and not (isinstance(value, str) and value in POOLING_MODES):
+            raise ConfigError(f"pooling_mode: unknown mode {value!r:.80}; choose from "
+                              f"{', '.join(POOLING_MODES)}", file)
+        if name in ("max_length", "doc_max_length") and not (is_int(value) and value >= 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r:.80}", file)
+        if name in ("skip_instruction", "bidirectional") and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r:.80}", file)

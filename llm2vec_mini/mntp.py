@@ -12,6 +12,12 @@ The official settings (train_configs/mntp/Sheared-Llama.json): blocks of 512 tok
 Everything MNTP lives here: the data (`group_texts`, `mntp_task`), the masking (`MNTPCollator`), the
 loss (`mntp_loss`) and the task the generic trainer (train.py) runs (`MNTPTask`).
 
+One quirk of the official run (experiments/run_mntp.py): peft wraps only the inner bidirectional
+model, so the output head stays trainable and transformers' Trainer trains it along with the
+adapter, then never saves it. Our recipe freezes it (LoRA only, as the paper describes);
+`unfreeze_lm_head` reproduces the official run exactly, for models whose head is not tied to the
+embeddings (Sheared-LLaMA; a tied head, as SmolLM2's, stays frozen in the official run too).
+
 References:
 1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.1-2.2 and Appendix D.1.1
 2) Devlin et al., "BERT", 2019, https://arxiv.org/abs/1810.04805, Sec. 3.1 (the 80/10/10 recipe)
@@ -45,6 +51,21 @@ def choose_mask_token(tokenizer) -> int:
     if mask_id is None:
         raise ConfigError("the tokenizer has neither a '_' token nor an eos token to mask with")
     return mask_id
+
+
+def unfreeze_lm_head(model: nn.Module) -> nn.Module:
+    """Make lm_head trainable, as the official MNTP run leaves it (see the module docstring).
+
+    The trainer then updates it with the adapter (and keeps it in checkpoints); the saved adapter
+    does not hold it, as the official one does not. A head tied to the embeddings is refused: the
+    official run freezes it with them, so training it would reproduce nothing.
+    """
+    if model.lm_head.weight is model.model.embed_tokens.weight:
+        raise ConfigError("lm_head is tied to the input embeddings (tie_word_embeddings): the official "
+                          "MNTP run leaves a tied head frozen, so there is nothing to reproduce; "
+                          "train without --train-lm-head")
+    model.lm_head.weight.requires_grad_(True)
+    return model
 
 
 def group_texts(token_lists: Iterable[Sequence[int]], block_size: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .distributed import init_distributed, world
 from .encoder import DEFAULTS, write_settings
 from .errors import DataError
 from .lora import add_lora, merge_and_unload
-from .mntp import mntp_task
+from .mntp import mntp_task, unfreeze_lm_head
 from .simcse import set_attention_dropout, simcse_task
 from .train import TrainConfig, train
 
@@ -48,6 +48,7 @@ class MNTPSettings:
     mask_ratio: float = 0.2  # share of the tokens chosen for prediction
     all_mask: bool = False  # always the mask token (no 80/10/10)
     max_blocks: Optional[int] = None  # use at most this many blocks
+    train_lm_head: bool = False  # also train lm_head, as the official run does (mntp.unfreeze_lm_head)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class SimCSESettings:
     pooling: str = "mean"  # the pooling the adapter is trained (and later encoded) with
     scale: float = 20.0  # 1 / temperature
     attention_dropout: float = 0.3  # what makes the two views differ
+    pool_all_positions: bool = False  # pool the padded row, as the official training does (simcse.py)
 
 
 def mntp_stage(model: nn.Module, tokenizer, texts: Sequence[str], cfg: TrainConfig, out_dir,
@@ -71,6 +73,8 @@ def mntp_stage(model: nn.Module, tokenizer, texts: Sequence[str], cfg: TrainConf
     model.set_causal(False).to(cfg.device)
     torch.manual_seed(cfg.seed)  # the adapter's initial values: the same seed, the same adapter
     add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
+    if mntp.train_lm_head:
+        unfreeze_lm_head(model)
     task = mntp_task(model, tokenizer, texts, mntp.block_size, mntp.mask_ratio, mntp.all_mask,
                      mntp.max_blocks)
     cfg = replace(cfg, extra={"mntp": asdict(mntp), "lora": asdict(lora)})  # recorded in checkpoints
@@ -94,7 +98,8 @@ def simcse_stage(model: nn.Module, tokenizer, sentences: Sequence[str], cfg: Tra
     set_attention_dropout(model, simcse.attention_dropout)
     torch.manual_seed(cfg.seed)  # the adapter's initial values
     add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
-    task = simcse_task(model, tokenizer, sentences, simcse.max_length, simcse.pooling, simcse.scale)
+    task = simcse_task(model, tokenizer, sentences, simcse.max_length, simcse.pooling, simcse.scale,
+                       simcse.pool_all_positions)
     cfg = replace(cfg, extra={"simcse": asdict(simcse), "lora": asdict(lora)})
     out = train(task, cfg, out_dir, resume=resume, overwrite=overwrite, on_step=on_step,
                 base_model_name_or_path=base_model_name_or_path)

@@ -14,6 +14,12 @@ With several processes the candidates are all-gathered, so every process sees th
 Everything SimCSE lives here: the losses, the data (`simcse_task`), attention dropout
 (`set_attention_dropout`) and the task the generic trainer (train.py) runs (`SimCSETask`).
 
+We pool a training sentence as `LLM2Vec.encode` pools it later: over its text tokens. The official
+training (experiments/run_simcse.py) does not: its wiki1m texts lack the instruction separator, so
+its embed mask is empty and the mean runs over every position of the padded row, the left padding
+and BOS included (the padding at positions 0, 1, ... as transformers numbers them, attending to the
+text through SDPA). `pool_all_positions=True` reproduces that, for mean pooling.
+
 References:
 1) Gao, Yao, Chen, "SimCSE", 2021, https://arxiv.org/abs/2104.08821, Sec. 3 (unsupervised) and 4
    (supervised)
@@ -98,10 +104,14 @@ class SimCSETask(nn.Module):
     """
 
     def __init__(self, model: nn.Module, sentences: list, pad_id: int, pooling: str = "mean",
-                 scale: float = 20.0, bos_id: Optional[int] = None):
+                 scale: float = 20.0, bos_id: Optional[int] = None, pool_all_positions: bool = False):
         super().__init__()
+        if pool_all_positions and pooling != "mean":
+            raise ConfigError(f"pool_all_positions (the official SimCSE training's mean over the padded "
+                              f"row) is a form of mean pooling, not of {pooling!r}")
         self.model, self.sentences, self.pad_id = model, sentences, pad_id
         self.pooling, self.scale, self.bos_id = pooling, scale, bos_id
+        self.pool_all_positions = pool_all_positions
 
     def __len__(self):
         return len(self.sentences)
@@ -110,6 +120,11 @@ class SimCSETask(nn.Module):
         return left_pad([self.sentences[i] for i in indices], self.pad_id)  # (ids, mask), (B, T): as encoded
 
     def embed(self, ids, mask):
+        if self.pool_all_positions:  # the official training: every position, numbered 0..T-1
+            B, T = ids.shape
+            positions = torch.arange(T, device=ids.device)[None].expand(B, T)  # (B, T), pads counted
+            hidden = self.model.model(ids, mask, positions)  # (B, T, H)
+            return pool(hidden, mask, torch.ones_like(mask), "mean")  # (B, H)
         # pool the text's tokens, as LLM2Vec.encode does: not the padding, not a leading bos
         text = mask if self.bos_id is None else mask * (ids != self.bos_id)
         return pool(self.model.model(ids, mask), mask, text, self.pooling)  # (B, H)
@@ -121,9 +136,10 @@ class SimCSETask(nn.Module):
 
 
 def simcse_task(model: nn.Module, tokenizer, sentences: Sequence[str], max_length: int = 128,
-                pooling: str = "mean", scale: float = 20.0) -> SimCSETask:
+                pooling: str = "mean", scale: float = 20.0, pool_all_positions: bool = False) -> SimCSETask:
     """Tokenise each sentence (cut to max_length tokens) as the encoder reads it: padded with eos,
-    and for eos_token pooling with the eos token written after the text (`pooling.append_eos`)."""
+    and for eos_token pooling with the eos token written after the text (`pooling.append_eos`).
+    pool_all_positions: pool as the official training does (see the module docstring)."""
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
     if pooling == "eos_token":
@@ -134,7 +150,8 @@ def simcse_task(model: nn.Module, tokenizer, sentences: Sequence[str], max_lengt
     ids = [s[:max_length] for s in tokenizer.encode_batch(list(sentences), add_special_tokens=True)]
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    return SimCSETask(model, ids, pad_id=pad, pooling=pooling, scale=scale, bos_id=bos)
+    return SimCSETask(model, ids, pad_id=pad, pooling=pooling, scale=scale, bos_id=bos,
+                      pool_all_positions=pool_all_positions)
 
 
 def set_attention_dropout(model: nn.Module, p: float) -> nn.Module:

@@ -21,12 +21,13 @@ References:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import tokenizers
 from tokenizers import processors
 
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, Llm2VecMiniError
 from .util import PathLike, is_int
 
 
@@ -38,23 +39,30 @@ class Tokenizer:
         bos_id, eos_id, pad_id: special token ids, or None where the model has none.
         add_bos, add_eos: whether `encode(..., add_special_tokens=True)` adds BOS in front / EOS behind
             (add_bos defaults to "whenever there is a bos_id", Llama's rule).
+        path: the file the tokenizer was read from (None if built in memory), named in errors.
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, bos_id: Optional[int] = None,
                  eos_id: Optional[int] = None, pad_id: Optional[int] = None,
-                 add_bos: Optional[bool] = None, add_eos: bool = False):
+                 add_bos: Optional[bool] = None, add_eos: bool = False, path: Optional[PathLike] = None):
         if not isinstance(tokenizer, tokenizers.Tokenizer):
             raise TypeError(f"expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
+        self.path = None if path is None else str(path)
+        self._n_ids = (None, 0)  # (vocab_size, n_ids) when n_ids was last computed
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
             if value is not None and not (is_int(value) and 0 <= value < self.vocab_size):
-                raise ConfigError(f"{name} must be None or a token id below {self.vocab_size}, got {value!r}")
+                raise ConfigError(f"{name} must be None or a token id below {self.vocab_size}, got {value!r}",
+                                  self.path)
+        for name, value in (("add_bos", add_bos), ("add_eos", add_eos)):
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r}", self.path)
         if add_bos is None:  # Llama's rule: a model with a BOS token puts it first
             add_bos = bos_id is not None
         if add_bos and bos_id is None:
-            raise ConfigError("add_bos is true, but bos_id is None")
+            raise ConfigError("add_bos is true, but bos_id is None", self.path)
         if add_eos and eos_id is None:
-            raise ConfigError("add_eos is true, but eos_id is None")
+            raise ConfigError("add_eos is true, but eos_id is None", self.path)
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos, self.add_eos = bool(add_bos), bool(add_eos)
 
@@ -62,6 +70,16 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (the rows an embedding matrix needs at least)."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def n_ids(self) -> int:
+        """The largest id the tokenizer can produce, plus one: the rows an embedding really needs (a
+        vocabulary may skip ids, so this can exceed `vocab_size`). Remembered while the size stays."""
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if self._n_ids[0] != size:
+            ids = self.tokenizer.get_vocab(with_added_tokens=True).values()  # ~40 ms for 50k tokens
+            self._n_ids = (size, max(ids, default=-1) + 1)
+        return self._n_ids[1]
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
@@ -75,9 +93,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
         """One text -> its token ids (T,), with BOS/EOS as `add_bos`/`add_eos` say if add_special_tokens."""
-        if not isinstance(text, str):
-            raise DataError(f"encode expects a str, got {type(text).__name__}")
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        check_text(text, "encode: the text")
+        with rust_errors("the tokenizer cannot encode this text", self.path):
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return self._wrap(ids) if add_special_tokens else ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> List[List[int]]:
@@ -86,9 +104,9 @@ class Tokenizer:
             raise DataError("encode_batch expects a list of str, got one str (use encode)")
         texts = list(texts)
         for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise DataError(f"encode_batch: texts[{i}] is a {type(text).__name__}, not a str")
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            check_text(text, f"encode_batch: texts[{i}]")
+        with rust_errors("the tokenizer cannot encode these texts", self.path):
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         return [self._wrap(e.ids) if add_special_tokens else e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -98,7 +116,8 @@ class Tokenizer:
             if not is_int(t) or not 0 <= t < self.vocab_size:
                 raise DataError(f"decode: ids[{i}] = {t!r} is not a token id below {self.vocab_size}")
         ids = [int(t) for t in ids]
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        with rust_errors("the tokenizer cannot decode these ids", self.path):
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self.tokenizer.token_to_id(token)
@@ -108,17 +127,48 @@ class Tokenizer:
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers, shared with convert/gguf_tokenizer.py
+# Helpers, shared with convert/gguf_tokenizer.py and convert/hf_tokenizer.py
+
+
+def check_text(text, what: str) -> None:
+    """DataError naming `what` unless `text` is a str that UTF-8 can encode (Python strings may hold
+    lone surrogates, "\\ud800", which no UTF-8 text has and `tokenizers` cannot take)."""
+    if not isinstance(text, str):
+        raise DataError(f"{what} must be a str, got {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{what} is not valid Unicode: {e.reason} at character {e.start} "
+                            f"({text[e.start]!r})") from None
+
+
+@contextmanager
+def rust_errors(message: str, path: Optional[PathLike] = None):
+    """Errors of the `tokenizers` library inside the block, its panics too, become CheckpointError
+    naming the tokenizer's file and saying `message`: they come from what the file says (a template
+    naming an unknown token, a broken regex). A Rust panic reaches Python as pyo3's `PanicException`,
+    which derives from BaseException, not Exception, so a plain `except Exception` lets it through."""
+    try:
+        yield
+    except Llm2VecMiniError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{message} ({type(e).__name__}: {e})", path) from None
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit, ...
+        raise CheckpointError(f"{message} (the tokenizers library panicked: {e})", path) from None
 
 
 def added_by_post_processor(tok: tokenizers.Tokenizer, where: Optional[PathLike] = None
                             ) -> Tuple[List[int], List[int]]:
     """The ids a tokenizer's post-processor puts before and after a text: ([1], []) for "<s> $A"."""
-    try:
+    # fails e.g. for a WordLevel vocabulary without "a" and without an unknown token, or a template
+    # naming a token the vocabulary lacks
+    with rust_errors("the tokenizer cannot encode the probe text 'a'", where):
         plain = tok.encode("a", add_special_tokens=False).ids
         full = tok.encode("a", add_special_tokens=True).ids
-    except Exception as e:  # e.g. a WordLevel vocabulary without "a" and without an unknown token
-        raise CheckpointError(f"the tokenizer cannot encode the probe text 'a' ({e})", where) from None
     for start in range(len(full) - len(plain) + 1):
         if full[start:start + len(plain)] == plain:
             return full[:start], full[start + len(plain):]

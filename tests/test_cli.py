@@ -43,6 +43,11 @@ def test_encode_writes_the_embeddings_of_each_line(tiny_llama_dir, tmp_path, cap
     expected = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu").encode(
         [["Find similar text:", s] for s in SENTENCES])
     np.testing.assert_allclose(got, expected, atol=1e-6)
+    # --dtype: the matrix products' dtype (default auto); float32 is the plain model
+    assert main(["encode", "--model", str(tiny_llama_dir), "--input", str(src), "--output",
+                 str(tmp_path / "emb32.npy"), "--device", "cpu", "--dtype", "float32"]) == 0
+    fp32 = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", dtype=torch.float32).encode(SENTENCES)
+    np.testing.assert_array_equal(np.load(tmp_path / "emb32.npy"), fp32)
 
 
 def test_eval_sts_prints_a_table_and_writes_json(tiny_llama_dir, sts_file, tmp_path, capsys):
@@ -100,13 +105,13 @@ def test_trained_adapters_load_in_peft_like_the_official_library(tiny_llama_dir,
     ref = transformers.LlamaModel.from_pretrained(tiny_llama_dir).eval()
     ref = peft.PeftModel.from_pretrained(ref, mntp).merge_and_unload()
     ref = peft.PeftModel.from_pretrained(ref, simcse).merge_and_unload().eval()
-    ours = LLM2Vec.from_pretrained(tiny_llama_dir, adapters=[mntp, simcse], device="cpu")
+    ours = LLM2Vec.from_pretrained(tiny_llama_dir, adapters=[mntp, simcse], device="cpu", dtype=torch.float32)
     ids = torch.tensor([[1, 319, 767, 338, 8743, 263, 1410, 3906, 29889]])
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=torch.zeros(1, 1, 9, 9)).last_hidden_state
         got = ours.model(ids)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    plain = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+    plain = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu", dtype=torch.float32)
     assert not torch.allclose(plain.model(ids), got, atol=1e-3)  # the adapters changed something
 
 
@@ -142,6 +147,20 @@ def test_the_same_seed_trains_the_same_adapter(tiny_llama_dir, tmp_path):
     assert runs[0] == runs[1]  # the LoRA initial values come from --seed too
 
 
+def test_the_official_training_options(tiny_llama_dir, tmp_path):
+    """--train-lm-head and --decay-steps reach the trainer: the lr decays over 6 steps, the trained
+    head is kept in checkpoints."""
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n".join(SENTENCES * 8) + "\n")
+    assert main(["train-mntp", "--model", str(tiny_llama_dir), "--data", str(text), "--output",
+                 str(tmp_path / "a"), "--steps", "3", "--batch-size", "2", "--block-size", "16",
+                 "--lr", "1e-2", "--lora-r", "4", "--decay-steps", "6", "--train-lm-head",
+                 "--checkpoint-every", "2", "--device", "cpu"]) == 0
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-2, 1e-2 * 5 / 6, 1e-2 * 4 / 6])
+    assert (tmp_path / "a" / "checkpoint-2" / "trainable.safetensors").exists()  # the head, beside LoRA
+
+
 @pytest.fixture(scope="module")
 def files(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_args")
@@ -160,6 +179,8 @@ SIMCSE_BAD = [
     (["--checkpoint-every", "-1"], "checkpoint_every"),
     (["--device", "foo"], "--device"),
     (["--device", "cuda:99"], "--device"),
+    (["--pool-all-positions", "--pooling", "eos_token"], "mean"),
+    (["--steps", "3", "--decay-steps", "2"], "decay_steps"),
 ]
 
 
@@ -216,3 +237,44 @@ def test_eval_mteb_without_mteb_says_how_to_install_it(tiny_llama_dir, monkeypat
     monkeypatch.delitem(sys.modules, "llm2vec_mini.mteb", raising=False)
     assert main(["eval-mteb", "--model", str(tiny_llama_dir), "--tasks", "STSBenchmark"]) == 2
     assert 'pip install "llm2vec-mini[mteb]"' in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue 16, class 13: every output path is checked before any work starts
+
+
+@pytest.mark.parametrize("command, output, match", [
+    (["encode", "--input", "{texts}"], "{folder}", "a folder, where a file is expected"),
+    (["encode", "--input", "{texts}"], "{folder}/missing/emb.npy", "does not exist"),
+    (["encode", "--input", "{texts}"], "{file}/emb.npy", "is a file, not a folder"),
+    (["eval-sts", "--data", "{texts}"], "{folder}", "a folder, where a file is expected"),
+    (["train-mntp", "--data", "{texts}"], "{file}", "an existing file, where a folder is expected"),
+    (["train-simcse", "--data", "{texts}"], "{file}", "an existing file, where a folder is expected"),
+    (["train-simcse", "--data", "{texts}"], "{file}/run", "is a file, not a folder"),
+])
+def test_an_output_of_the_wrong_kind_is_refused_before_any_work(tiny_llama_dir, tmp_path, capsys, monkeypatch,
+                                                                command, output, match):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(SENTENCES) + "\n")
+    a_file, folder = tmp_path / "existing.npy", tmp_path / "out"
+    a_file.write_text("x")
+    folder.mkdir()
+    names = {"texts": str(texts), "file": str(a_file), "folder": str(folder)}
+    from llm2vec_mini.convert import hf
+    monkeypatch.setattr(hf, "load_hf_model", lambda *a, **k: pytest.fail("work started"))
+    args = [part.format(**names) for part in command] + ["--model", str(tiny_llama_dir), "--device", "cpu"]
+    flag = "--out" if command[0] == "demo" else "--output"
+    assert main(args + [flag, output.format(**names)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
+def test_a_programming_error_keeps_its_traceback(tiny_llama_dir, tmp_path, monkeypatch):
+    """Only our typed errors (and a missing file) are bad input; a bug must show where it is."""
+    from llm2vec_mini import encoder
+    monkeypatch.setattr(encoder.LLM2Vec, "from_pretrained", lambda *a, **k: int("a bug"))  # a ValueError
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a text\n")
+    with pytest.raises(ValueError, match="a bug"):
+        main(["encode", "--model", str(tiny_llama_dir), "--input", str(texts), "--output",
+              str(tmp_path / "e.npy"), "--device", "cpu"])

@@ -95,3 +95,22 @@ def test_missing_required_field():
     del hf["num_hidden_layers"]
     with pytest.raises(ConfigError, match="num_hidden_layers"):
         LlamaConfig.from_hf_config(hf)
+
+
+@pytest.mark.parametrize("field", ["bos_token_id", "eos_token_id", "pad_token_id"])
+def test_token_ids_that_are_booleans_are_refused(field):
+    """Issue 16, class 10: `"bos_token_id": true` was taken as id 1 (in Python, True == 1)."""
+    with pytest.raises(ConfigError, match=field):
+        LlamaConfig.from_hf_config(dict(CLASSIC, **{field: True}))
+    with pytest.raises(ConfigError, match=field):
+        LlamaConfig.from_hf_config(dict(CLASSIC, **{field: [True]}))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vocab_size", 2**62), ("vocab_size", 2**64), ("hidden_size", 2**40), ("num_hidden_layers", 2**31),
+    ("max_position_embeddings", 2**63), ("head_dim", 2**40),
+])
+def test_sizes_no_model_has_are_refused_before_torch_sees_them(field, value):
+    """vocab_size 2^62 or 2^64 overflowed inside torch; nothing real comes near 2^31."""
+    with pytest.raises(ConfigError, match=field):
+        LlamaConfig.from_hf_config(dict(CLASSIC, **{field: value}))

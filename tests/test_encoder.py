@@ -6,6 +6,7 @@ text with a space, pool the last n positions where n is the text's own token cou
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from conftest import Reference
 
 from llm2vec_mini.encoder import LLM2Vec
+from llm2vec_mini.errors import CheckpointError, ConfigError
 
 transformers = Reference("transformers")
 
@@ -20,6 +22,9 @@ TEXTS = ["A man is playing a guitar.", "Two dogs run on the beach, chasing a red
          "Hi", "The quick brown fox jumps over the lazy dog near the river bank at dawn.",
          "Stocks fell sharply on Monday.", "", "A woman slices an onion."]
 INSTRUCTION = "Retrieve semantically similar text:"
+# fp32, which the comparisons to 1e-5 need: the default dtype "auto" computes in bf16 on a CPU with
+# bf16 instructions (checked against fp32 in tests/test_precision.py)
+FP32 = dict(device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +65,7 @@ def assert_close_rows(got, expected, tol=1e-5):
 
 @pytest.fixture(scope="module")
 def encoder(tiny_llama_dir):
-    return LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
+    return LLM2Vec.from_pretrained(tiny_llama_dir, **FP32)
 
 
 @pytest.mark.parametrize("with_instruction", [False, True])
@@ -74,14 +79,14 @@ def test_mean_pooling_matches_hand_reference(encoder, reference, with_instructio
 
 @pytest.mark.parametrize("mode", ["weighted_mean", "eos_token", "last_token", "bos_token"])
 def test_other_pooling_modes_match_hand_reference(tiny_llama_dir, reference, mode):
-    enc = LLM2Vec.from_pretrained(tiny_llama_dir, pooling=mode, device="cpu")
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, pooling=mode, **FP32)
     texts = [t for t in TEXTS if t]
     got = enc.encode([[INSTRUCTION, t] for t in texts], batch_size=4)
     assert_close_rows(got, [hand_embedding(reference, INSTRUCTION, t, mode) for t in texts])
 
 
 def test_causal_mode_matches_hand_reference(tiny_llama_dir, reference):
-    enc = LLM2Vec.from_pretrained(tiny_llama_dir, bidirectional=False, device="cpu")
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, bidirectional=False, **FP32)
     got = enc.encode(TEXTS[:4], batch_size=2)
     assert_close_rows(got, [hand_embedding(reference, "", t, bidirectional=False) for t in TEXTS[:4]])
 
@@ -106,7 +111,7 @@ def test_empty_list_and_single_string(encoder):
 
 
 def test_long_text_is_truncated_to_the_limits(tiny_llama_dir, reference):
-    enc = LLM2Vec.from_pretrained(tiny_llama_dir, max_length=24, doc_max_length=12, device="cpu")
+    enc = LLM2Vec.from_pretrained(tiny_llama_dir, max_length=24, doc_max_length=12, **FP32)
     long_text = " ".join(["word"] * 200 + ["tail"])
     (ids, n_text), = enc.prepare([[INSTRUCTION, long_text]])
     tok = reference[0]
@@ -134,6 +139,8 @@ def test_bad_arguments(tiny_llama_dir, encoder):
         encoder.encode(["a"], convert_to="list")
     with pytest.raises(ValueError, match="pooling"):
         LLM2Vec.from_pretrained(tiny_llama_dir, pooling="max", device="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        LLM2Vec.from_pretrained(tiny_llama_dir, dtype="int8", device="cpu")
     enc = LLM2Vec.from_pretrained(tiny_llama_dir, device="cpu")
     enc.tokenizer.add_bos = False  # a vocabulary like SmolLM2's, which adds no BOS token
     with pytest.raises(ValueError, match="bos_token.*BOS"):
@@ -142,10 +149,10 @@ def test_bad_arguments(tiny_llama_dir, encoder):
 
 def test_save_and_load_back_keep_weights_and_settings(tiny_llama_dir, tmp_path):
     enc = LLM2Vec.from_pretrained(tiny_llama_dir, pooling="weighted_mean", doc_max_length=100,
-                                  device="cpu")
+                                  **FP32)
     before = enc.encode(TEXTS[:3])
     enc.save(tmp_path / "saved")
-    back = LLM2Vec.from_pretrained(tmp_path / "saved", device="cpu")
+    back = LLM2Vec.from_pretrained(tmp_path / "saved", **FP32)
     assert back.settings() == enc.settings()
     # llm2vec_config.json holds exactly the official constructor's keyword arguments (llm2vec 0.2.3
     # passes every key to LLM2Vec.__init__, so one more key would break it there)
@@ -180,7 +187,7 @@ def test_texts_with_no_tokens_left_encode_without_a_bos_token(tiny_llama_dir, re
 
     model, tok = load_pretrained(tiny_llama_dir)
     no_bos = Tokenizer(tok.tokenizer, bos_id=None, eos_id=tok.eos_id, add_bos=False)
-    enc = LLM2Vec(model, no_bos, doc_max_length=8, device="cpu")
+    enc = LLM2Vec(model, no_bos, doc_max_length=8, **FP32)
     word = "x" * 5000
     got = enc.encode(["", word, "A man is playing a guitar."], batch_size=2)
     assert np.isfinite(got).all()
@@ -209,3 +216,75 @@ def test_one_adapter_as_a_string_reads_its_settings(tiny_llama_dir, tmp_path):
     one = LLM2Vec.from_pretrained(tiny_llama_dir, adapters=str(tmp_path), device="cpu")
     assert one.settings() == {"pooling_mode": "weighted_mean", "max_length": 128, "doc_max_length": 100,
                               "skip_instruction": True, "bidirectional": False}
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue 16: typed errors naming the argument, the item or the file
+
+
+@pytest.mark.parametrize("bad, match", [
+    (None, "sentences must be a string or a list.*NoneType"),
+    (5, "sentences must be a string or a list.*int"),
+    ({"text": "a dict's keys are no texts"}, "sentences must be a string or a list.*dict"),
+    ({"a", "b"}, "sentences must be a string or a list.*set"),
+    (["fine", "a lone \ud800 surrogate"], r"sentences\[1\] is not valid Unicode"),
+    ([["instruction \udfff", "text"]], r"sentences\[0\] is not valid Unicode"),
+])
+def test_bad_inputs_name_the_argument_or_item(encoder, bad, match):
+    """Issue 16, class 12: encode(None) and encode(5) gave a TypeError, a lone surrogate one from
+    inside tokenizers, and a dict encoded its keys."""
+    with pytest.raises(ConfigError, match=match):
+        encoder.encode(bad)
+
+
+def test_a_device_torch_does_not_know_names_the_argument(tiny_llama_dir, encoder):
+    with pytest.raises(ConfigError, match="device: unknown device 'tpu9'"):
+        LLM2Vec.from_pretrained(tiny_llama_dir, device="tpu9")
+    with pytest.raises(ConfigError, match="device: unknown device 'tpu9'"):
+        LLM2Vec(encoder.model, encoder.tokenizer, device="tpu9")
+
+
+@pytest.mark.parametrize("file, content, match", [
+    ("llm2vec_mini_config.json", {"bidirectional": "false"}, "bidirectional must be true or false, got 'f"),
+    ("llm2vec_config.json", {"skip_instruction": "no"}, "skip_instruction must be true or false, got 'no'"),
+    ("llm2vec_config.json", {"max_length": True}, "max_length must be a positive integer, got True"),
+    ("llm2vec_config.json", {"doc_max_length": 0}, "doc_max_length must be a positive integer, got 0"),
+    ("llm2vec_config.json", {"pooling_mode": ["mean"]}, r"pooling_mode: unknown mode \['mean'\]"),
+    ("llm2vec_config.json", [1, 2], "expected a JSON object"),
+])
+def test_settings_files_are_checked_field_by_field_and_name_the_file(tiny_llama_dir, tmp_path, file, content,
+                                                                     match):
+    """Issue 16, class 9: wrong types loaded with another meaning ("false" is a true string)."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / file).write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=match) as err:
+        LLM2Vec.from_pretrained(folder, device="cpu")
+    assert str(folder / file) in str(err.value)
+
+
+@pytest.mark.parametrize("argument, value", [("bidirectional", "false"), ("skip_instruction", 1),
+                                             ("max_length", 2.0), ("pooling", None)])
+def test_constructor_arguments_of_the_wrong_type(encoder, argument, value):
+    with pytest.raises(ConfigError, match="bidirectional|skip_instruction|max_length|pooling"):
+        LLM2Vec(encoder.model, encoder.tokenizer, **{argument: value}, device="cpu")
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_names_its_file(encoder):
+    """Issue 16, class 11: a GGUF file with neither an eos nor a pad id gave an error naming nothing."""
+    from llm2vec_mini.tokenizer import Tokenizer
+    bare = Tokenizer(encoder.tokenizer.tokenizer, bos_id=1, eos_id=None, pad_id=None, path="model.gguf")
+    with pytest.raises(ConfigError, match=r"model\.gguf: the tokenizer has no eos \(or pad\) token"):
+        LLM2Vec(encoder.model, bare, device="cpu")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(encoder):
+    """Issue 16, class 5: encode() died with an IndexError inside the embedding."""
+    import tokenizers
+
+    from llm2vec_mini.tokenizer import Tokenizer
+    raw = tokenizers.Tokenizer.from_str(encoder.tokenizer.tokenizer.to_str())
+    raw.add_tokens(["<beyond-the-embedding>"])  # id 32000; the model has 32000 rows
+    big = Tokenizer(raw, bos_id=1, eos_id=2, path="tokenizer.json")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: the tokenizer has ids up to 32000"):
+        LLM2Vec(encoder.model, big, device="cpu")

@@ -296,7 +296,8 @@ def write_tiny_gguf(path, hf, qtypes=None, skip=(), meta_changes=None):
     w = gguf.GGUFWriter(path, arch="llama")
     for key, value in meta.items():
         if value is not None:
-            (w.add_uint32 if isinstance(value, int) else w.add_float32)(key, value)
+            (w.add_uint64 if isinstance(value, int) and value >= 2**32 else
+             w.add_uint32 if isinstance(value, int) else w.add_float32)(key, value)
     stored = {}
     for name, tensor in hf.state_dict().items():
         gname = GGUF_NAMES[name]
@@ -398,6 +399,9 @@ def test_truncated_metadata_and_absurd_lengths(tmp_path):
     raises(build(tmp_path / "longkey.gguf", kvs=[struct.pack("<Q", 2**62) + b"abc"]), "truncated")
     array = struct.pack("<IQ", 4, 2**60) + b"\0" * 8
     raises(build(tmp_path / "longarray.gguf", kvs=[kv("a", 9, array)]), "array of 1152921504606846976")
+    # an array the file does hold, but whose 2^24 + 1 numbers would take ten times their bytes as Python ints
+    array = struct.pack("<IQ", 0, 2**24 + 1) + b"\0" * (2**24 + 1)
+    raises(build(tmp_path / "bigarray.gguf", kvs=[kv("a", 9, array)]), "longer than any metadata array")
     strings = struct.pack("<IQ", 8, 3) + s("x") + struct.pack("<Q", 2**40)
     raises(build(tmp_path / "longstring.gguf", kvs=[kv("tokens", 9, strings)]), r"tokens'\[1\]")
     raises(build(tmp_path / "ntensors.gguf", n_tensors=2**60), "tensor infos")
@@ -448,7 +452,8 @@ def test_llama_files_that_do_not_fit_the_model(tmp_path):
     w = gguf.GGUFWriter(tmp_path / "extra.gguf", arch="llama")
     for key, value in f.metadata.items():
         if key.startswith(("llama.", "tokenizer.")):
-            (w.add_uint32 if isinstance(value, int) else w.add_float32)(key, value)
+            (w.add_uint64 if isinstance(value, int) and value >= 2**32 else
+             w.add_uint32 if isinstance(value, int) else w.add_float32)(key, value)
     for name in f.tensors:
         w.add_tensor(name, f.tensor(name))
     w.add_tensor("blk.1.ffn_up.weight", np.zeros((128, 64), np.float32))
@@ -524,3 +529,27 @@ def test_load_gguf_returns_our_tokenizer(smollm2_gguf):
     assert tok.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (model.config.bos_token_id, model.config.eos_token_id,
                                                     model.config.pad_token_id) == (1, 2, 2)
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue 16: the metadata is checked against the file's tensors before anything is built
+
+@pytest.mark.parametrize("changes, match", [
+    ({"llama.embedding_length": 2**40, "llama.rope.dimension_count": None},
+     r"hidden_size must be a positive integer below 2\*\*31"),
+    ({"llama.vocab_size": 2**62}, r"vocab_size must be a positive integer below 2\*\*31"),
+    ({"llama.vocab_size": 2**20}, r"'token_embd\.weight': expected shape \(1048576, 64\), found \(96, 64\)"),
+    ({"llama.feed_forward_length": 2**30}, r"'blk\.0\.ffn_gate\.weight': expected shape \(1073741824, 64\)"),
+    ({"llama.block_count": 100_000}, r"the llama\.\* metadata says the model has 100000 layers, but the file "
+                                     r"holds tensors for 2"),
+])
+def test_sizes_the_file_does_not_hold_are_refused_before_the_model_is_built(tmp_path, monkeypatch, changes,
+                                                                            match):
+    """Issue 16, class 2: embedding_length 2^40 asked for a petabyte, feed_forward_length 2^30 for
+    terabytes, block_count 100,000 looped for minutes, vocab_size 2^62 overflowed inside torch."""
+    from llm2vec_mini.convert import gguf as ours
+    write_tiny_gguf(tmp_path / "m.gguf", tiny_hf_model(), meta_changes=changes)
+    built = []
+    monkeypatch.setattr(ours, "LlamaForCausalLM", lambda config: built.append(config))
+    raises(tmp_path / "m.gguf", match, load_gguf_model)
+    assert not built

@@ -218,3 +218,76 @@ def test_broken_metadata_raises_naming_the_key(meta, key):
     with pytest.raises(CheckpointError, match="model.gguf") as e:
         tokenizer_from_gguf(meta, path="model.gguf")
     assert key in str(e.value)
+
+
+@pytest.mark.parametrize("meta, key", [
+    (tiny_gpt2(**{"tokenizer.ggml.tokens": 7}), "tokenizer.ggml.tokens"),
+    (tiny_gpt2(**{"tokenizer.ggml.tokens": "abc"}), "tokenizer.ggml.tokens"),  # not three tokens a, b, c
+    (tiny_gpt2(**{"tokenizer.ggml.tokens": [1, 2, 3, 4, 5]}), "tokenizer.ggml.tokens[0]"),
+    (tiny_gpt2(**{"tokenizer.ggml.token_type": ["1"] * 5}), "tokenizer.ggml.token_type[0]"),
+    (tiny_gpt2(**{"tokenizer.ggml.token_type": 1}), "tokenizer.ggml.token_type"),
+    (tiny_gpt2(**{"tokenizer.ggml.merges": [1, 2]}), "tokenizer.ggml.merges[0]"),
+    (tiny_gpt2(**{"tokenizer.ggml.merges": "a b"}), "tokenizer.ggml.merges"),
+    (tiny_gpt2(**{"tokenizer.ggml.pre": ["gpt-2"]}), "tokenizer.ggml.pre"),
+    (tiny_gpt2(**{"tokenizer.ggml.model": ["gpt2"]}), "tokenizer.ggml.model"),
+    (tiny_gpt2(**{"tokenizer.ggml.add_bos_token": [True]}), "tokenizer.ggml.add_bos_token"),
+    (tiny_llama(**{"tokenizer.ggml.scores": ["1"] * 262}), "tokenizer.ggml.scores[0]"),
+    (tiny_llama(**{"tokenizer.ggml.scores": 1.0}), "tokenizer.ggml.scores"),
+])
+def test_metadata_of_the_wrong_type_raises_naming_the_key(meta, key):
+    """Issue 16, class 3: these gave a raw TypeError or ValueError from inside the builder."""
+    with pytest.raises(CheckpointError, match="model.gguf") as e:
+        tokenizer_from_gguf(meta, path="model.gguf")
+    assert key in str(e.value)
+
+
+def brute_force_merges(tokens, scores, types):
+    """The definition, written out: every split of every mergeable token into two mergeable tokens."""
+    from llm2vec_mini.convert.gguf_tokenizer import BYTE, CONTROL, UNKNOWN
+    mergeable = {t: i for i, (t, kind) in enumerate(zip(tokens, types))
+                 if kind not in (UNKNOWN, CONTROL, BYTE)}
+    ranked = sorted(((-scores[i], i, cut), t[:cut], t[cut:]) for t, i in mergeable.items()
+                    for cut in range(1, len(t)) if t[:cut] in mergeable and t[cut:] in mergeable)
+    return [(left, right) for _, left, right in ranked]
+
+
+def test_spm_merges_skip_only_splits_that_cannot_be_tokens():
+    """Splits are tried only where both halves have the length of some token; on a vocabulary of
+    tokens of many lengths (and one long token) that gives exactly the merges of trying every split."""
+    import random
+
+    from llm2vec_mini.convert.gguf_tokenizer import _spm_merges
+    rng = random.Random(0)
+    tokens = sorted({"".join(rng.choice("ab▁") for _ in range(rng.choice([1, 1, 2, 3, 5, 8, 13])))
+                     for _ in range(400)}) + ["▁" + "ab" * 5000]
+    scores = [rng.uniform(-10, 0) for _ in tokens]
+    types = [rng.choice([1, 1, 1, 1, 3, 4, 6]) for _ in tokens]
+    expected = brute_force_merges(tokens, scores, types)
+    assert len(expected) > 40
+    assert _spm_merges(tokens, scores, types) == expected
+
+
+def test_one_very_long_token_builds_without_quadratic_work(monkeypatch):
+    """Issue 16, class 4: a token of 2,000,000 characters made the builder slice it 2,000,000 times
+    (hours). No token has the length of either half of any of its splits, so none is tried: the
+    budget of sliced characters, set to the long token's length here, is never reached."""
+    from llm2vec_mini.convert import gguf_tokenizer
+    monkeypatch.setattr(gguf_tokenizer, "MAX_MERGE_WORK", 2_000_000, raising=False)
+    meta = tiny_llama()
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + ["▁" + "a" * 2_000_000]
+    meta["tokenizer.ggml.scores"] = meta["tokenizer.ggml.scores"] + [-4.0]
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [1]
+    tok, _ = tokenizer_from_gguf(meta, path="model.gguf")
+    assert tok.encode("a a").ids == [1, 261, 261]  # the vocabulary still works as before
+
+
+def test_a_vocabulary_built_to_be_quadratic_is_refused():
+    """Tokens a, aa, aaa, ... of 1,500 lengths: every split of each is two tokens, 10^9 characters to
+    compare. Refused, with the reason, before the work is done."""
+    meta = tiny_llama()
+    extra = ["a" * k for k in range(2, 1502)]
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + extra
+    meta["tokenizer.ggml.scores"] = meta["tokenizer.ggml.scores"] + [-5.0] * len(extra)
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [1] * len(extra)
+    with pytest.raises(CheckpointError, match=r"model\.gguf.*SentencePiece merges.*longest token has 1,501"):
+        tokenizer_from_gguf(meta, path="model.gguf")

@@ -253,6 +253,7 @@ def test_unsupported_config_names_the_file(good_dir):
     ('{"weight_map": {}}', "weight_map"),
     ('{"weight_map": {"model.norm.weight": "../outside.safetensors"}}', "invalid shard file name"),
     ('{"weight_map": {"model.norm.weight": "gone.safetensors"}}', "'gone.safetensors' does not exist"),
+    ('{"weight_map": {"model.norm.weight": "%s"}}' % ("x" * 5000), "does not exist"),  # too long to look up
 ])
 def test_bad_index(good_dir, index, match):
     d, _ = good_dir
@@ -302,3 +303,81 @@ def test_gguf_paths_are_delegated(tmp_path, monkeypatch):
     model, tok = hf.load_pretrained(path, dtype=torch.bfloat16)
     assert calls == [(str(path), torch.bfloat16)]
     assert tok is sentinel_tokenizer and model.lm_head.weight.dtype == torch.bfloat16
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue 16: the config is checked against the file's tensors before anything is built
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"num_hidden_layers": 100_000}, r"config\.json says the model has 100000 layers, but the file holds "
+                                     r"tensors for 2"),
+    ({"intermediate_size": 2**30}, r"'model\.layers\.0\.mlp\.down_proj\.weight': expected shape "
+                                   r"\(64, 1073741824\), found \(64, 80\)"),
+    ({"hidden_size": 2**30, "head_dim": 16}, r"'lm_head\.weight': expected shape \(96, 1073741824\)"),
+])
+def test_sizes_the_file_does_not_hold_are_refused_before_the_model_is_built(good_dir, monkeypatch, changes,
+                                                                            match):
+    d, state = good_dir
+    st_save_file(state, str(d / "model.safetensors"))
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **changes}))
+    built = []
+    monkeypatch.setattr(hf, "LlamaForCausalLM", lambda config: built.append(config))
+    with pytest.raises(CheckpointError, match=match) as err:
+        load_hf_model(d)
+    assert str(d / "model.safetensors") in str(err.value) and not built  # nothing was built
+
+
+def test_a_bin_view_claiming_more_bytes_than_its_storage_is_refused(good_dir):
+    """A pickled tensor may view its storage with a stride of 0: lm_head (96, 64) made of one float.
+    Its shape is right, but the file holds 4 bytes for its 24 KB; cast to another dtype, or at
+    vocab_size 2^20, such views would allocate what the file never held."""
+    d, state = good_dir
+    state["lm_head.weight"] = torch.zeros(1).expand(96, 64)
+    torch.save(state, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: the tensors claim \d+ bytes, but the "
+                                              r"file holds \d+ bytes"):
+        load_hf_model(d)
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused_at_load(tmp_path):
+    """Issue 16, class 5: it loaded, and encode() died later with an IndexError in the embedding."""
+    d = save_dir(tiny_hf_model(), tmp_path / "m", "safetensors")
+    tok = write_tokenizer(d)
+    tok.add_special_tokens(["<extra>"])  # id 8, fine: the model has 96 rows
+    tok.add_tokens([f"w{i}" for i in range(100)])  # ids up to 108: no rows for them
+    tok.save(str(d / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: the tokenizer has ids up to 108 .* 96 rows"):
+        hf.load_pretrained(d)
+
+
+def test_adapter_folders_naming_themselves_or_each_other_as_base_are_refused(tmp_path):
+    """Issue 16, class 8: these recursed until RecursionError."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, base in ((a, a), (b, tmp_path / "c"), (tmp_path / "c", b)):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                                "base_model_name_or_path": str(base)}))
+    with pytest.raises(CheckpointError, match=r"name each other as their base model: .*a -> .*a"):
+        hf.load_pretrained(a)
+    with pytest.raises(CheckpointError, match=r"name each other as their base model: .*b -> .*c -> .*b"):
+        hf.load_pretrained(b)
+
+
+@pytest.mark.parametrize("device", ["tpu9", "cuda:99", 3.5])
+def test_a_device_torch_or_this_machine_lacks_is_a_config_error(tmp_path, device):
+    d = save_dir(tiny_hf_model(), tmp_path / "m", "safetensors")
+    with pytest.raises(ConfigError, match="device"):
+        hf.load_pretrained(d, device=device)
+
+
+def test_an_adapter_naming_a_file_that_is_no_model_as_base_is_refused_naming_the_adapter(tmp_path):
+    """A fuzz find: base_model_name_or_path "../../etc/passwd" exists, and the error named only it."""
+    a = tmp_path / "a"
+    a.mkdir()
+    (tmp_path / "notes.txt").write_text("not a model")
+    config = {"peft_type": "LORA", "base_model_name_or_path": str(tmp_path / "notes.txt")}
+    (a / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"/a: this adapter folder names its base model as .*notes"):
+        hf.load_pretrained(a)

@@ -4,7 +4,8 @@ The import graph counts every `import`, at module level and inside functions: an
 function to dodge a cycle is still a cycle. The layers, bottom to top:
 
     errors, util, config, distributed    (no llm2vec_mini imports but these)
-    ops, model, tokenizer, pooling, lora, mntp, simcse, data, evaluate    the ideas: never a file format
+    ops, model, tokenizer, pooling, lora, mntp, simcse, data, evaluate, precision    the ideas: never a
+                                          file format
     convert/                              file formats: know the model, never the layers above
     train, encoder, recipes, probe, hub, demo, cli, kit, ...    what runs the ideas on real files
 """
@@ -16,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llm2vec_mini"
 CORE = {"errors", "util", "config", "distributed", "ops", "model", "tokenizer", "pooling", "lora", "mntp",
-        "simcse", "data", "evaluate"}
+        "simcse", "data", "evaluate", "precision"}
 
 
 def modules() -> dict:

@@ -103,3 +103,27 @@ def test_a_batch_with_nothing_masked_gives_zero_loss():
     ids = torch.randint(3, 256, (2, 8))
     loss = mntp_loss(ours.model(ids), torch.full_like(ids, IGNORE), ours.lm_head)
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+# -------------------------------------------------------------------------------------------------
+# unfreeze_lm_head: the official MNTP run trains lm_head too
+
+def test_unfreeze_lm_head_trains_the_head_but_refuses_a_tied_one(tmp_path):
+    from llm2vec_mini.convert.safetensors import load_file
+    from llm2vec_mini.lora import add_lora
+    from llm2vec_mini.mntp import MNTPTask, unfreeze_lm_head
+    from llm2vec_mini.train import TrainConfig, train
+    torch.manual_seed(0)
+    model = add_lora(LlamaForCausalLM(LlamaConfig.tiny()).set_causal(False), r=4, alpha=8)
+    unfreeze_lm_head(model)
+    head = model.lm_head.weight.detach().clone()
+    embed = model.model.embed_tokens.weight.detach().clone()
+    blocks = torch.randint(3, 256, (8, 16), generator=torch.Generator().manual_seed(1))
+    task = MNTPTask(model, blocks, MNTPCollator(mask_id=5, vocab_size=256, special_ids=[1, 2]))
+    train(task, TrainConfig(steps=2, batch_size=4, lr=1e-2, progress=False), tmp_path)
+    assert (model.lm_head.weight - head).abs().max() > 1e-3  # trained
+    assert torch.equal(model.model.embed_tokens.weight, embed)  # the rest stays frozen
+    assert all(".lora_" in k for k in load_file(tmp_path / "adapter_model.safetensors"))  # not saved
+    tied = LlamaForCausalLM(LlamaConfig.tiny(tie_word_embeddings=True))
+    with pytest.raises(ConfigError, match="tied"):
+        unfreeze_lm_head(tied)

@@ -185,3 +185,26 @@ def test_missing_files(tmp_path, adapter):
     (empty / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
     with pytest.raises(CheckpointError, match="no adapter weights"):
         read_adapter(empty)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"target_modules": "(q_proj+)+$"}, "repeats a repeated group"),  # exponential backtracking
+    ({"target_modules": r"(\w+\.?)*x"}, "repeats a repeated group"),
+    ({"target_modules": ".*.*.*.*.*q"}, "5 unbounded repeats"),
+    ({"rank_pattern": {"(a|aa)*b": 4}}, "repeats an alternation"),
+    ({"target_modules": "("}, "not a valid regex"),
+    ({"lora_alpha": float("inf")}, "lora_alpha"),
+    ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern"),
+])
+def test_patterns_that_could_hang_the_matcher_are_refused(adapter, tmp_path, config, match):
+    """A hostile adapter_config.json must not hang the loader: Python's regex engine backtracks."""
+    with pytest.raises(CheckpointError, match=match) as err:
+        read_adapter(edited(adapter, tmp_path, config))
+    assert "adapter_config.json" in str(err.value)
+
+
+def test_the_patterns_peft_writes_are_accepted(adapter, tmp_path):
+    config, _ = read_adapter(edited(adapter, tmp_path, {
+        "target_modules": r".*decoder.*(self_attn|mlp)\.(q_proj|v_proj|up_proj)$|.*(q|k|v|o)_proj",
+        "rank_pattern": {"model.layers.0.self_attn.q_proj": 4}}))
+    assert config["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 4}

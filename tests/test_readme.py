@@ -49,6 +49,10 @@ def test_shell_lines_name_real_commands(line):
         build_kit_parser().parse_args(words[3:])  # the teaching kit's commands, the same way
     elif words[:3] == ["python", "-m", "pytest"]:
         assert words[3:5] == ["--pyargs", "llm2vec_mini.kit.test_exercises"], line  # the kit's checks
+    elif words[0] == "torchrun":  # torchrun's own options, then -m llm2vec_mini and ours
+        at = words.index("-m")
+        assert words[at + 1] == "llm2vec_mini" and all(w.startswith("--") for w in words[1:at])
+        build_parser().parse_args(words[at + 2:])
     elif words[0] == "huggingface-cli":
         assert words[1] == "download"  # needs the hub: shown, not run
     else:

@@ -143,6 +143,13 @@ MALFORMED = {
     "unknown_dtype": dict(header={"t": {**GOOD, "dtype": "F128"}}, data=DATA),
     "dtype_not_string": dict(header={"t": {**GOOD, "dtype": ["F32"]}}, data=DATA),
     "deeply_nested_json": dict(header=b"[" * 100_000 + b"]" * 100_000),
+    "nan_is_not_json": dict(header=b'{"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": NaN}}',
+                            data=DATA),
+    "trailing_bytes": dict(header={"t": GOOD}, data=DATA + b"\x00"),
+    "empty_but_too_large": dict(header={"t": GOOD, "e": {"dtype": "F32", "shape": [0, 2**64],
+                                                          "data_offsets": [8, 8]}}, data=DATA),
+    "lone_surrogate": dict(header=b'{"__metadata__": {"a": "\\ud800"}, "t": %s}' % json.dumps(GOOD).encode(),
+                           data=DATA),
     "negative_shape": dict(header={"t": {**GOOD, "shape": [-2]}}, data=DATA),
     "shape_not_list": dict(header={"t": {**GOOD, "shape": "2"}}, data=DATA),
     "float_offset": dict(header={"t": {**GOOD, "data_offsets": [0.0, 8]}}, data=DATA),
@@ -206,3 +213,48 @@ def test_save_file_rejects_bad_arguments(tmp_path):
         save_file({"n": [1.0]}, path)
     with pytest.raises(CheckpointError, match="metadata"):
         save_file({"a": torch.zeros(1)}, path, metadata={"a": 1})
+
+
+@pytest.mark.parametrize("shift", [-1, 1, -8])
+def test_a_header_length_that_is_off_is_refused_as_the_library_does(tmp_path, shift):
+    """Issue 16: the header ends in padding spaces, so a length one byte short still parses; every
+    tensor was then read one byte early. The tensors must fill the data section exactly."""
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3, dtype=torch.float16)}, good)
+    data = good.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert data[8 + n - 1:8 + n] == b" "  # the padding that makes the short header parse
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((n + shift).to_bytes(8, "little") + data[8:])
+    with pytest.raises(Exception):
+        safetensors_torch.load_file(str(bad))
+    with pytest.raises(CheckpointError, match="bad.safetensors") as err:
+        load_file(bad)
+    assert "data section" in str(err.value) or "JSON" in str(err.value)
+
+
+def test_gaps_between_tensors_are_refused_as_the_library_does(tmp_path):
+    path = write_raw(tmp_path / "gap.safetensors", {"t": {**GOOD, "data_offsets": [4, 12]}}, b"\x00" * 12)
+    with pytest.raises(Exception):
+        safetensors_torch.load_file(str(path))
+    with pytest.raises(CheckpointError, match="tensor 't' starts at byte 4.*gap"):
+        load_file(path)
+
+
+def test_fp8_and_unsigned_dtypes_read_bit_exact_both_ways(tmp_path):
+    """Every dtype the library writes that torch has: FP8 checkpoints, unsigned 16/32/64-bit."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"e4m3": torch.randn(4, 8, generator=g).to(torch.float8_e4m3fn),
+               "e5m2": torch.randn(3, generator=g).to(torch.float8_e5m2),
+               "u16": torch.tensor([0, 1, 65535]).to(torch.uint16),
+               "u32": torch.tensor([0, 2**32 - 1]).to(torch.uint32),
+               "u64": torch.tensor([0, 2**63 - 1]).to(torch.uint64)}
+    path = tmp_path / "ref.safetensors"
+    safetensors_torch.save_file(tensors, str(path))
+    ours = load_file(path)
+    assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in tensors.items()}
+    for name, t in ours.items():
+        assert torch.equal(t.view(torch.uint8), tensors[name].view(torch.uint8)), name
+    save_file(tensors, tmp_path / "ours.safetensors")
+    back = safetensors_torch.load_file(str(tmp_path / "ours.safetensors"))
+    assert all(torch.equal(back[k].view(torch.uint8), tensors[k].view(torch.uint8)) for k in tensors)

@@ -56,3 +56,44 @@ def test_gradients_flow_only_into_lora():
             assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert not p.requires_grad and p.grad is None, name
+
+
+# -------------------------------------------------------------------------------------------------
+# pool_all_positions: the official SimCSE training's pooling, against transformers
+
+def test_pool_all_positions_is_the_mean_of_the_padded_row_as_transformers_numbers_it():
+    """The official training pools every position of a left-padded row, padding included, with
+    transformers' default positions 0..T-1; computed here with transformers' LlamaModel and a
+    bidirectional 4-D mask built by hand."""
+    import transformers
+
+    from llm2vec_mini import LlamaForCausalLM
+    from llm2vec_mini.simcse import SimCSETask
+    torch.manual_seed(0)
+    cfg = LlamaConfig.tiny()
+    hc = transformers.LlamaConfig(**cfg.to_hf_config())
+    hc._attn_implementation = "eager"
+    ref = transformers.LlamaModel(hc).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(std=0.1)
+    ours = LlamaForCausalLM(cfg).eval()
+    ours.model.load_state_dict(ref.state_dict())
+    ours.set_causal(False)
+    sentences = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12], [1, 13, 14, 15, 16]]
+    task = SimCSETask(ours, sentences, pad_id=2, bos_id=1, pool_all_positions=True)
+    ids, mask = task.make_batch([0, 1, 2], None)  # (3, 7), left padding
+    visible = torch.zeros(3, 1, 7, 7).masked_fill(mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=visible).last_hidden_state.mean(1)  # every position
+        got = task.embed(ids, mask)
+        text_only = SimCSETask(ours, sentences, pad_id=2, bos_id=1).embed(ids, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (text_only - expected).abs().max() > 1e-2  # our default pools the text alone: different
+
+
+def test_pool_all_positions_is_a_form_of_mean_pooling():
+    from llm2vec_mini import ConfigError
+    from llm2vec_mini.simcse import SimCSETask
+    with pytest.raises(ConfigError, match="mean"):
+        SimCSETask(torch.nn.Module(), [[1, 2]], pad_id=2, pooling="eos_token", pool_all_positions=True)

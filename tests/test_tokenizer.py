@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 from conftest import Reference, ggml_vocab_cases, shared_data_dir
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as RawTokenizer
 
 from llm2vec_mini.config import LlamaConfig
@@ -252,6 +252,7 @@ def test_bad_arguments_raise_typed_errors(call, error, match):
     ({"tokenizer.json": None, "tokenizer_config.json": b'{"bos_token": 5}'}, "bos_token must be"),
     ({"tokenizer.json": None, "special_tokens_map.json": b'{"eos_token": "<nope>"}'}, "'<nope>' is not in"),
     ({"tokenizer.json": None, "tokenizer_config.json": b'{"add_bos_token": "yes"}'}, "add_bos_token"),
+    ({"tokenizer.json": None, "special_tokens_map.json": b'{"pad_token": "\\ud800"}'}, "pad_token is not"),
 ])
 def test_bad_folders_raise_checkpoint_errors_naming_the_file(tmp_path, files, match):
     for name, content in files.items():
@@ -270,3 +271,77 @@ def test_missing_folder_and_gguf_object(tmp_path):
     fake = types.SimpleNamespace(path="fake.gguf", metadata={"tokenizer.ggml.model": "bert"})
     with pytest.raises(CheckpointError, match="fake.gguf.*unsupported tokenizer model"):
         load_gguf_tokenizer(fake)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 16, class 6: what makes `tokenizers` panic or abort is a typed error naming the file
+
+
+def tokenizer_json_with(tmp_path, **changes):
+    """tiny_tokenizer's tokenizer.json with top-level fields replaced, in a folder of its own."""
+    doc = {**json.loads(tiny_tokenizer().to_str()), **changes}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    return tmp_path
+
+
+UNKNOWN_SPECIAL = {"type": "TemplateProcessing", "special_tokens": {},
+                   "single": [{"SpecialToken": {"id": "<nope>", "type_id": 0}},
+                              {"Sequence": {"id": "A", "type_id": 0}}],
+                   "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]}
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"post_processor": UNKNOWN_SPECIAL}, "probe text"),  # a panic in Rust (PanicException)
+    ({"truncation": {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 10}},
+     r"stride \(10\) must be below max_length \(4\)"),  # a panic on the first long text
+    ({"padding": {"strategy": {"Fixed": 2**40}, "direction": "Right", "pad_to_multiple_of": None,
+                  "pad_id": 0, "pad_type_id": 0, "pad_token": "<s>"}}, "padding: length"),  # an abort
+    ({"padding": {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": 2**40,
+                  "pad_id": 0, "pad_type_id": 0, "pad_token": "<s>"}}, "padding: pad_to_multiple_of"),
+])
+def test_settings_that_crash_tokenizers_are_refused(tmp_path, changes, match):
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_hf_tokenizer(tokenizer_json_with(tmp_path, **changes))
+    assert str(tmp_path / "tokenizer.json") in str(e.value)
+
+
+def test_padding_and_truncation_of_tokenizer_json_are_switched_off(tmp_path):
+    """We pad and cut ourselves, as transformers does unless a call asks: a file's own padding would
+    put pad tokens between the text and the eos token, its truncation cut texts we count."""
+    truncation = {"direction": "Right", "max_length": 2, "stride": 0, "strategy": "LongestFirst"}
+    padding = {"strategy": {"Fixed": 8}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+               "pad_type_id": 0, "pad_token": "<s>"}
+    folder = tokenizer_json_with(tmp_path, truncation=truncation, padding=padding)
+    tok = load_hf_tokenizer(folder)
+    assert tok.encode("ab a b a", add_special_tokens=False) == [4, 2, 3, 2]  # not cut to 2, not padded to 8
+    assert tok.tokenizer.padding is None and tok.tokenizer.truncation is None
+
+
+def test_texts_with_lone_surrogates_are_data_errors_naming_the_item():
+    tok = Tokenizer(tiny_tokenizer(), bos_id=0, eos_id=1)
+    with pytest.raises(DataError, match=r"not valid Unicode.*'\\ud800'"):
+        tok.encode("a\ud800b")
+    with pytest.raises(DataError, match=r"texts\[1\] is not valid Unicode"):
+        tok.encode_batch(["a", "\udfff"])
+    assert tok.encode("ab é") == [0, 4]  # non-ASCII text is fine ("é" is not in this vocabulary)
+
+
+def test_panics_become_checkpoint_errors_and_nothing_else_is_swallowed():
+    from llm2vec_mini.tokenizer import rust_errors
+    PanicException = type("PanicException", (BaseException,), {})  # what pyo3 raises: no Exception
+    with pytest.raises(CheckpointError, match=r"tok\.json: broken \(the tokenizers library panicked: boom\)"):
+        with rust_errors("broken", "tok.json"):
+            raise PanicException("boom")
+    with pytest.raises(KeyboardInterrupt):
+        with rust_errors("broken", "tok.json"):
+            raise KeyboardInterrupt
+
+
+def test_a_regex_that_backtracks_forever_is_a_checkpoint_error_not_a_hang():
+    """tokenizer.json may carry any Split regex; oniguruma gives up after its retry limit and panics,
+    which becomes a CheckpointError naming the file, in a fraction of a second."""
+    raw = RawTokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"(\w+\s?)+$"), behavior="isolated")
+    tok = Tokenizer(raw, path="tokenizer.json")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: the tokenizer cannot encode this text"):
+        tok.encode("word " * 30 + "!")

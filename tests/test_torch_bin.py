@@ -111,3 +111,46 @@ def test_truncated_garbage_and_missing_files(tmp_path):
         with pytest.raises(CheckpointError) as err:
             load_torch_bin(path)
         assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("tensor, kind", [
+    (torch.empty(2, 3, device="meta"), "a meta tensor"),  # no data at all: failed untyped in the loader
+    (torch.eye(3).to_sparse(), "a torch.sparse_coo tensor"),  # loaded, and broke encode() later
+])
+def test_tensors_that_are_no_plain_weights_are_refused(tmp_path, tensor, kind):
+    """Issue 16, class 7."""
+    path = tmp_path / "odd.bin"
+    torch.save({"w": torch.zeros(2), "x": tensor}, path)
+    with pytest.raises(CheckpointError, match=f"tensor 'x': {kind}; a weight must be a plain dense") as err:
+        load_torch_bin(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_compressed_record_is_refused_before_it_is_read(tmp_path):
+    """torch.save stores its records as they are; a deflated one could expand to any size (a zip bomb)."""
+    import zipfile
+    good = tmp_path / "good.bin"
+    torch.save(state_dict(), good)
+    packed = tmp_path / "packed.bin"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(CheckpointError, match=r"packed\.bin: record .* is compressed"):
+        load_torch_bin(packed)
+
+
+def test_a_damaged_zip_end_record_is_a_checkpoint_error(tmp_path):
+    """Two flipped bytes made Python's zipfile.is_zipfile itself raise ("zipfiles that span multiple
+    disks are not supported"): the first fuzz find in a .bin."""
+    import zipfile
+    good = tmp_path / "good.bin"
+    torch.save(state_dict(), good)
+    data = bytearray(good.read_bytes())
+    end = data.rindex(b"PK\x06\x07")  # the zip64 end-of-central-directory locator
+    data[end + 4:end + 8] = (1).to_bytes(4, "little")  # "the central directory is on disk 1"
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.is_zipfile(bad)
+    with pytest.raises(CheckpointError, match=r"bad\.bin: a damaged zip archive"):
+        load_torch_bin(bad)

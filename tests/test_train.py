@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm2vec_mini import ConfigError, LlamaConfig, LlamaForCausalLM, TrainingError
+from llm2vec_mini import CheckpointError, ConfigError, LlamaConfig, LlamaForCausalLM, TrainingError
 from llm2vec_mini.convert.safetensors import load_file
 from llm2vec_mini.lora import add_lora
 from llm2vec_mini.mntp import MNTPCollator, MNTPTask
@@ -129,11 +129,64 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("make", [mntp_task, simcse_task])
+def test_bf16_training_follows_fp32_and_leaves_the_plain_model(tmp_path, make):
+    """dtype="bfloat16": the projections in bf16 (on a CPU too), the adapters fp32; the losses follow
+    fp32's, and afterwards the model computes in fp32 again, bit for bit as before."""
+    cfg = dict(steps=4, batch_size=4, lr=5e-3, progress=False)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        task = make()
+        ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            before = task.model.eval()(ids)
+        train(task, TrainConfig(**cfg, dtype=dtype), tmp_path / dtype)
+        runs[dtype] = [m["loss"] for m in metrics(tmp_path / dtype)]
+        plain = make()
+        plain.model.load_state_dict(task.model.state_dict())
+        with torch.no_grad():
+            assert torch.equal(task.model.eval()(ids), plain.model.eval()(ids))  # no bf16 left behind
+            assert not torch.equal(task.model(ids), before)  # (it did train)
+    assert runs["float32"] != runs["bfloat16"]  # bf16 was used
+    for a, b in zip(runs["float32"], runs["bfloat16"]):
+        assert abs(a - b) <= 0.02 * abs(a) + 1e-5, runs  # (SimCSE on random tokens: losses near 0)
+
+
+def test_resume_keeps_a_trained_lm_head(tmp_path):
+    """A trainable lm_head (mntp.unfreeze_lm_head) is not in the adapter: checkpoints keep it."""
+    from llm2vec_mini.mntp import unfreeze_lm_head
+
+    def make(seed=0):
+        task = mntp_task(seed)
+        unfreeze_lm_head(task.model)
+        return task
+
+    cfg = dict(steps=4, batch_size=2, lr=5e-3, checkpoint_every=2, progress=False)
+    full = make()
+    train(full, TrainConfig(**cfg), tmp_path / "full")
+    train(make(), TrainConfig(**cfg), tmp_path / "split", stop_after=2)
+    resumed = make()
+    train(resumed, TrainConfig(**cfg), tmp_path / "split", resume=True)
+    assert torch.equal(full.model.lm_head.weight, resumed.model.lm_head.weight)
+    for k, v in adapter(tmp_path / "full").items():
+        assert torch.equal(v, adapter(tmp_path / "split")[k]), k
+    with pytest.raises(CheckpointError, match="lm_head"):  # resumed by a run that does not train it
+        train(mntp_task(), TrainConfig(**dict(cfg, steps=6)), tmp_path / "split", resume=True)
+
+
+def test_decay_steps_sets_the_horizon_of_the_linear_decay(tmp_path):
+    """transformers' "linear" schedule without warm-up: lr * (horizon - step) / horizon at step 0, 1, ..."""
+    train(mntp_task(), TrainConfig(steps=4, batch_size=2, lr=1e-2, decay_steps=10, progress=False), tmp_path)
+    assert [m["lr"] for m in metrics(tmp_path)] == pytest.approx([1e-2 * (10 - s) / 10 for s in range(4)])
+    with pytest.raises(ConfigError, match="decay_steps"):
+        TrainConfig(steps=4, decay_steps=3).validate()
+
+
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="grad_accum"):
         TrainConfig(batch_size=5, grad_accum=2).validate()
-    with pytest.raises(ConfigError, match="bf16"):
-        TrainConfig(bf16=True, device="cpu").validate()
+    with pytest.raises(ConfigError, match="dtype"):
+        TrainConfig(dtype="int8").validate()
     with pytest.raises(ConfigError, match="LoRA"):
         train(MNTPTask(LlamaForCausalLM(LlamaConfig.tiny()), torch.zeros(4, 8, dtype=torch.long),
                        MNTPCollator(5, 256)), TrainConfig(steps=1, batch_size=1, progress=False), tmp_path)

@@ -81,7 +81,9 @@ SENTENCES = ["A man is playing a guitar.", "A man plays the guitar.",
 INSTRUCTION = "Retrieve a sentence with the same meaning:"
 tokenizer = word_tokenizer(SENTENCES + [INSTRUCTION])
 model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=tokenizer.vocab_size))
-encoder = LLM2Vec(model, tokenizer, pooling="mean", device="cpu")  # bidirectional by default
+# bidirectional by default; fp32, so that the checks below can redo it to the last bits (the default,
+# dtype="auto", computes in bf16 where this CPU runs that faster: llm2vec_mini/precision.py)
+encoder = LLM2Vec(model, tokenizer, pooling="mean", device="cpu", dtype=torch.float32)
 print(tokenizer)
 print([tokenizer.id_to_token(i) for i in tokenizer.encode(SENTENCES[0])])
 

@@ -88,6 +88,10 @@ from llm2vec_mini.mntp import mntp_task
 from llm2vec_mini.recipes import LoRASettings, MNTPSettings, SimCSESettings, mntp_stage, simcse_stage
 
 REAL = os.environ.get("LLM2VEC_MINI_REAL") == "1"  # the one switch for the heavy path
+# The matrix products in fp32, in training (the recipe's default) and in encoding, so that the checks
+# below can ask for equal bits; LLM2Vec's default, dtype="auto", takes bf16 where this CPU runs it
+# faster (llm2vec_mini/precision.py).
+DTYPE = torch.float32
 
 if REAL:  # SmolLM2 and the demo's recipe; threads as the environment sets them (OMP_NUM_THREADS)
     RECIPE = Recipe()
@@ -173,7 +177,7 @@ EMB = {}  # stage -> (len(PROBE), hidden) embeddings of PROBE
 
 # %%
 t0 = time.perf_counter()
-encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=False, device="cpu")
+encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=False, device="cpu", dtype=DTYPE)
 EMB["Uni + mean"] = encoder.encode(PROBE)
 RESULTS["Uni + mean"] = sts(encoder)
 SECONDS["Uni + mean"] = time.perf_counter() - t0
@@ -207,7 +211,7 @@ assert EMB["Uni + mean"].shape == (len(PROBE), model.config.hidden_size)
 
 # %%
 t0 = time.perf_counter()
-encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu")
+encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu", dtype=DTYPE)
 EMB["Bi + mean"] = encoder.encode(PROBE)
 RESULTS["Bi + mean"] = sts(encoder)
 SECONDS["Bi + mean"] = time.perf_counter() - t0
@@ -281,7 +285,7 @@ mntp_log = read_log(OUT / "mntp")
 print(f"fixed batch: {mntp_before:.3f} -> {mntp_after:.3f} nats; logged: step 1 {mntp_log[0]['loss']:.3f}"
       f" -> step {mntp_log[-1]['step']} {mntp_log[-1]['loss']:.3f}")
 
-encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu")
+encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu", dtype=DTYPE)
 EMB["Bi + MNTP"] = encoder.encode(PROBE)
 RESULTS["Bi + MNTP"] = sts(encoder)
 SECONDS["Bi + MNTP"] = time.perf_counter() - t0
@@ -318,11 +322,12 @@ assert math.isfinite(RESULTS["Bi + MNTP"]) and -100 <= RESULTS["Bi + MNTP"] <= 1
 t0 = time.perf_counter()
 merge_and_unload(model)  # the MNTP adapter becomes part of W; plain nn.Linear layers again
 assert not lora_layers(model)
-merged = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu").encode(PROBE)
+merged = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu",
+                 dtype=DTYPE).encode(PROBE)
 assert cosine_rows(merged, EMB["Bi + MNTP"]).min() > 1 - 1e-5  # merging changes nothing
 
 fresh = LLM2Vec(add_lora(copy.deepcopy(model), r=RECIPE.lora_r), tokenizer, pooling="mean",
-                bidirectional=True, device="cpu").encode(PROBE)
+                bidirectional=True, device="cpu", dtype=DTYPE).encode(PROBE)
 assert np.array_equal(fresh, merged)  # B = 0 and eval mode (no dropout): a fresh adapter is a no-op
 
 print(f"SimCSE: {RECIPE.simcse_steps} steps of {RECIPE.simcse_batch} sentences (<= "
@@ -339,7 +344,7 @@ with torch.no_grad():
 print(f"adapter update ||(alpha/r) B A||: min {min(delta.values()):.2e}, max {max(delta.values()):.2e} "
       f"over {len(delta)} matrices")
 
-encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu")
+encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu", dtype=DTYPE)
 EMB["Bi + MNTP + SimCSE"] = encoder.encode(PROBE)
 RESULTS["Bi + MNTP + SimCSE"] = sts(encoder)
 SECONDS["Bi + MNTP + SimCSE"] = time.perf_counter() - t0
@@ -382,7 +387,7 @@ plt.show()
 final_model, _ = load_base()
 merge_adapter(final_model, OUT / "mntp")  # W += (alpha/r) B A, MNTP first
 merge_adapter(final_model, OUT / "simcse")  # then SimCSE on top
-final = LLM2Vec(final_model, tokenizer, pooling="mean", bidirectional=True, device="cpu")
+final = LLM2Vec(final_model, tokenizer, pooling="mean", bidirectional=True, device="cpu", dtype=DTYPE)
 from_disk = final.encode(PROBE)
 print("cosine, in-memory vs rebuilt from the adapters:", np.round(cosine_rows(from_disk, EMB["Bi + MNTP + SimCSE"]), 6))
 assert cosine_rows(from_disk, EMB["Bi + MNTP + SimCSE"]).min() > 1 - 1e-5
@@ -463,7 +468,8 @@ QUERY = "A man plays the guitar."
 EXPECTED = "A man is playing a guitar."  # the paraphrase of QUERY in SENTENCES; None to skip the check
 
 base_model, _ = load_base()
-base = LLM2Vec(base_model, tokenizer, pooling="mean", bidirectional=False, device="cpu")  # Uni + mean
+base = LLM2Vec(base_model, tokenizer, pooling="mean", bidirectional=False, device="cpu",
+               dtype=DTYPE)  # Uni + mean
 
 
 def search(encoder, query, sentences, k=3):

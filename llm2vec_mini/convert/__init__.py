@@ -6,4 +6,5 @@ gguf.py         llama.cpp's GGUF: metadata, tensor infos, dequantisers, Llama ma
 gguf_tokenizer.py  a `tokenizers.Tokenizer` built from GGUF vocabulary metadata
 hf.py           Hugging Face model directories -> (LlamaForCausalLM, Tokenizer)
 peft.py         PEFT LoRA adapter directories, merged into a model
+checks.py       before a model is built: its config against the tensors a file holds
 """

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
@@ -38,7 +39,8 @@ from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import LlamaForCausalLM
 from ..tokenizer import Tokenizer
-from ..util import is_int
+from ..util import is_int, is_number
+from .checks import Stored, check_fits, check_tokenizer
 from .gguf_tokenizer import tokenizer_from_gguf
 
 GGUF_MAGIC = b"GGUF"
@@ -46,6 +48,7 @@ SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is long gone
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 8  # arrays of arrays of ... deeper than this are not a real file
+MAX_ARRAY = 1 << 24  # elements of one metadata array; the largest vocabularies have a few 100,000
 
 # ggml type id -> (name, weights per block, bytes per block). Every type a file may hold, so the
 # reader can size any tensor; `dequantize` supports the subset in _DEQUANTISERS.
@@ -89,6 +92,7 @@ class GGUFFile:
     tensors: Dict[str, GGUFTensorInfo]  # in file order
     alignment: int
     data: np.ndarray = field(repr=False)  # the whole file, memory-mapped read-only, uint8
+    data_start: int = 0  # where the tensor data begins (offsets in `tensors` are absolute)
 
     def __repr__(self) -> str:  # the vocabulary alone would fill a screen
         return (f"GGUFFile(path={self.path!r}, version={self.version}, {len(self.metadata)} metadata keys, "
@@ -154,6 +158,9 @@ class _Cursor:
         if depth >= MAX_NESTING:
             raise CheckpointError(f"{what} nests arrays deeper than {MAX_NESTING}", self.path)
         etype, count = self.scalar("I", what), self.scalar("Q", what)
+        if count > MAX_ARRAY:  # read as Python values, an element costs up to 10x its bytes
+            raise CheckpointError(f"{what} (an array of {count} elements) is longer than any metadata "
+                                  f"array needs ({MAX_ARRAY})", self.path)
         # The smallest element is 1 byte (8 for a string's length, 12 for an array's header), so
         # a count the rest of the file cannot hold is caught here, before anything is allocated.
         min_size = np.dtype(_SCALARS[etype]).itemsize if etype in _SCALARS else 8 if etype == _STRING else 12
@@ -257,7 +264,7 @@ def read_gguf(path: Union[str, os.PathLike]) -> GGUFFile:
             raise CheckpointError(f"tensor {name!r}: its data ({nbytes} bytes at offset {start}) "
                                   f"runs past the end of the file ({size} bytes)", path)
         tensors[name] = GGUFTensorInfo(name, tuple(reversed(ne)), ggml_type, start, nbytes)
-    return GGUFFile(path, version, metadata, tensors, alignment, data)
+    return GGUFFile(path, version, metadata, tensors, alignment, data, data_start)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -452,7 +459,7 @@ def gguf_config(gguf: GGUFFile) -> LlamaConfig:
                               f"dimension ({head_dim}): partial rotary embeddings are not supported",
                               gguf.path)
     vocab = get("vocab_size")
-    if vocab is None and "tokenizer.ggml.tokens" in meta:
+    if vocab is None and isinstance(meta.get("tokenizer.ggml.tokens"), list):
         vocab = len(meta["tokenizer.ggml.tokens"])
     if vocab is None and "token_embd.weight" in gguf.tensors:
         vocab = gguf.tensors["token_embd.weight"].shape[0]
@@ -460,13 +467,21 @@ def gguf_config(gguf: GGUFFile) -> LlamaConfig:
     if get("rope.scaling.type", "none") not in ("none", None):
         scaling = {"rope_type": get("rope.scaling.type"), "factor": get("rope.scaling.factor")}
     token = lambda name: meta.get(f"tokenizer.ggml.{name}_token_id")  # noqa: E731
+
+    def number(key, default):
+        value = get(key, default)
+        if not is_number(value):
+            raise CheckpointError(f"metadata key 'llama.{key}' must be a number, got {value!r:.80}",
+                                  gguf.path)
+        return float(value)
+
     try:
         return LlamaConfig(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=get("feed_forward_length", required=True),
             num_hidden_layers=get("block_count", required=True), num_attention_heads=n_heads,
             num_key_value_heads=get("attention.head_count_kv"), head_dim=head_dim,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=number("rope.freq_base", 10000.0), rope_scaling=scaling,
             max_position_embeddings=get("context_length", 2048),
             tie_word_embeddings="output.weight" not in gguf.tensors,
             bos_token_id=token("bos"), eos_token_id=token("eos"), pad_token_id=token("padding"))
@@ -515,30 +530,21 @@ def load_gguf_model(path_or_file: Union[str, os.PathLike, GGUFFile],
     """
     gguf = path_or_file if isinstance(path_or_file, GGUFFile) else read_gguf(path_or_file)
     config = gguf_config(gguf)
+    if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1 and later: per-frequency RoPE divisors
+        raise CheckpointError("tensor 'rope_freqs.weight': Llama-3.1-style RoPE frequency factors are "
+                              "not supported in GGUF files (ignoring them would silently change the "
+                              "model); load the model's Hugging Face folder instead, whose config.json "
+                              "rope_scaling (rope_type llama3) is supported", gguf.path)
+    # our name -> the file's; a name the table does not know keeps its own, marked so that it can
+    # collide with none of ours, and is reported as unexpected
+    names = {_rename(gguf_name, WEIGHT_MAP) or f"?{gguf_name}": gguf_name for gguf_name in gguf.tensors}
+    theirs = {ours: gguf_name for gguf_name, ours in WEIGHT_MAP.items()}
+    stored = {ours: Stored(gguf.tensors[name].shape, gguf.tensors[name].nbytes, Path(gguf.path))
+              for ours, name in names.items()}
+    check_fits(config, stored, len(gguf.data) - gguf.data_start, gguf.path, source="the llama.* metadata",
+               file_name=lambda ours: names.get(ours) or _rename(ours, theirs))  # before anything is built
     with _SkipInit():
         model = LlamaForCausalLM(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")  # the same tensor as embed_tokens; the file stores it once
-    names = {}
-    for gguf_name, info in gguf.tensors.items():
-        ours = _rename(gguf_name, WEIGHT_MAP)
-        if gguf_name == "rope_freqs.weight":  # Llama 3.1 and later: per-frequency RoPE divisors
-            raise CheckpointError("tensor 'rope_freqs.weight': Llama-3.1-style RoPE frequency factors are "
-                                  "not supported in GGUF files (ignoring them would silently change the "
-                                  "model); load the model's Hugging Face folder instead, whose config.json "
-                                  "rope_scaling (rope_type llama3) is supported", gguf.path)
-        if ours not in expected:
-            raise CheckpointError(f"unexpected tensor {gguf_name!r} (not part of a Llama with this "
-                                  f"config)", gguf.path)
-        if info.shape != expected[ours]:
-            raise CheckpointError(f"tensor {gguf_name!r} ({ours}): expected shape {expected[ours]}, "
-                                  f"found {info.shape}", gguf.path)
-        names[ours] = gguf_name
-    missing = sorted(set(expected) - set(names))
-    if missing:
-        example = _rename(missing[0], {ours: theirs for theirs, ours in WEIGHT_MAP.items()})
-        raise CheckpointError(f"{len(missing)} tensors missing, e.g. {example!r} ({missing[0]})", gguf.path)
 
     state = {}
     for ours, gguf_name in names.items():
@@ -562,11 +568,14 @@ def load_gguf_tokenizer(path_or_file: Union[str, os.PathLike, GGUFFile]) -> Toke
     path_or_file: a path, or a reader result with `.metadata` (and `.path`, named in errors).
     """
     gguf = path_or_file if hasattr(path_or_file, "metadata") else read_gguf(path_or_file)
-    tok, specials = tokenizer_from_gguf(gguf.metadata, path=getattr(gguf, "path", None))
-    return Tokenizer(tok, **specials)
+    path = getattr(gguf, "path", None)
+    tok, specials = tokenizer_from_gguf(gguf.metadata, path=path)
+    return Tokenizer(tok, **specials, path=path)
 
 
 def load_gguf(path: Union[str, os.PathLike, GGUFFile], dtype: torch.dtype = torch.float32):
     """A GGUF Llama file -> (LlamaForCausalLM, Tokenizer); the tokenizer comes from the same metadata."""
     gguf = path if isinstance(path, GGUFFile) else read_gguf(path)
-    return load_gguf_model(gguf, dtype), load_gguf_tokenizer(gguf)
+    tokenizer = load_gguf_tokenizer(gguf)  # before the weights: a bad tokenizer fails fast
+    check_tokenizer(tokenizer, gguf_config(gguf), gguf.path)
+    return load_gguf_model(gguf, dtype), tokenizer

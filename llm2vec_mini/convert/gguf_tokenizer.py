@@ -39,8 +39,8 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from ..errors import CheckpointError
-from ..tokenizer import bos_eos_template
-from ..util import is_int
+from ..tokenizer import bos_eos_template, rust_errors
+from ..util import is_int, is_number
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -78,21 +78,52 @@ def _token_id(metadata: dict, key: str, n_tokens: int, path) -> Optional[int]:
 
 def _flag(metadata: dict, key: str, default: bool, path) -> bool:
     value = metadata.get(key, default)
-    if isinstance(value, str) or value not in (True, False):  # numpy's bool_ and 0/1 pass too
-        raise CheckpointError(f"{key} must be true or false, got {value!r}", path)
+    if hasattr(value, "__len__") or value not in (True, False):  # numpy's bool_ and 0/1 pass too
+        raise CheckpointError(f"{key} must be true or false, got {value!r:.80}", path)
     return bool(value)
 
 
-def _spm_merges(tokens: List[str], scores: List[float], types: List[int]) -> List[Tuple[str, str]]:
+def _array(metadata: dict, key: str, path, ok, what: str, default: Any = ...) -> list:
+    """The array `key` as a list, each element passing `ok`, or CheckpointError naming the key and the
+    first bad element (a string is no array here: list("abc") would be three tokens)."""
+    value = _get(metadata, key, path, default)
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise CheckpointError(f"{key} must be an array of {what}, got {type(value).__name__}", path)
+    value = value.tolist() if hasattr(value, "tolist") else list(value)  # numpy arrays too
+    for i, element in enumerate(value):
+        if not ok(element):
+            raise CheckpointError(f"{key}[{i}] must be {what}, got {element!r:.80}", path)
+    return value
+
+
+# Characters compared while deriving SentencePiece merges: Llama 2's 32,000 tokens need about 0.2 M.
+# Trying every split of every token costs the square of its length; splits are only tried where both
+# halves have the length of some token, which makes one long token cheap, and this bound stops a
+# vocabulary built to make even that quadratic (thousands of ever longer tokens).
+MAX_MERGE_WORK = 50_000_000
+
+
+def _spm_merges(tokens: List[str], scores: List[float], types: List[int], path=None) -> List[Tuple[str, str]]:
     """SentencePiece's merge order as a BPE merge list: every split (left, right) of every token whose
     halves are tokens too, best token first (highest score; ties by the lower id), then by split point.
 
     Control, unknown and byte tokens never take part: SentencePiece never builds them from pieces.
     """
     mergeable = {tok: i for i, (tok, t) in enumerate(zip(tokens, types)) if t not in (UNKNOWN, CONTROL, BYTE)}
-    ranked = []  # (sort key, left, right)
+    lengths = sorted({len(tok) for tok in mergeable})
+    have = set(lengths)
+    ranked, work = [], 0  # (sort key, left, right); characters sliced so far
     for tok, i in mergeable.items():
-        for cut in range(1, len(tok)):
+        n = len(tok)
+        cuts = range(1, n) if n <= len(lengths) else lengths  # whichever is shorter to walk
+        for cut in cuts:
+            if not (0 < cut < n and n - cut in have):
+                continue  # no token is as long as the left or the right half
+            work += n
+            if work > MAX_MERGE_WORK:
+                raise CheckpointError(f"tokenizer.ggml.tokens: deriving the SentencePiece merges would "
+                                      f"compare more than {MAX_MERGE_WORK:,} characters (the longest token "
+                                      f"has {lengths[-1]:,}); not a SentencePiece vocabulary", path)
             left, right = tok[:cut], tok[cut:]
             if left in mergeable and right in mergeable:
                 ranked.append(((-scores[i], i, cut), left, right))
@@ -103,10 +134,8 @@ def _spm_merges(tokens: List[str], scores: List[float], types: List[int]) -> Lis
 def _bpe(path, **options) -> models.BPE:
     """tokenizers' BPE model; what it refuses (a merge naming a token missing from the vocabulary)
     becomes a CheckpointError naming the file."""
-    try:
+    with rust_errors("the tokenizer in tokenizer.ggml.* is inconsistent", path):  # a plain Exception
         return models.BPE(**options)
-    except Exception as e:  # tokenizers raises a plain Exception
-        raise CheckpointError(f"the tokenizer in tokenizer.ggml.* is inconsistent: {e}", path) from None
 
 
 def _llama_spm(tokens, scores, types, metadata, path) -> tokenizers.Tokenizer:
@@ -118,7 +147,7 @@ def _llama_spm(tokens, scores, types, metadata, path) -> tokenizers.Tokenizer:
                               f"{', '.join(missing_bytes[:4])}{' ...' if len(missing_bytes) > 4 else ''}",
                               path)
     unk_id = _token_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens), path)
-    tok = tokenizers.Tokenizer(_bpe(path, vocab=vocab, merges=_spm_merges(tokens, scores, types),
+    tok = tokenizers.Tokenizer(_bpe(path, vocab=vocab, merges=_spm_merges(tokens, scores, types, path),
                                     byte_fallback=True, fuse_unk=True,
                                     unk_token=None if unk_id is None else tokens[unk_id]))
     # llama.cpp: add_space_prefix defaults to true for SentencePiece. The "▁" is prepended to every
@@ -137,7 +166,7 @@ def _llama_spm(tokens, scores, types, metadata, path) -> tokenizers.Tokenizer:
 
 def _gpt2_bpe(tokens, types, metadata, path) -> tokenizers.Tokenizer:
     """GPT-2's byte-level BPE with the stored merges and the regex llama.cpp uses for this `pre`."""
-    merges_raw = _get(metadata, "tokenizer.ggml.merges", path)
+    merges_raw = _array(metadata, "tokenizer.ggml.merges", path, lambda m: isinstance(m, str), "strings")
     merges = []
     for i, merge in enumerate(merges_raw):
         pair = merge.split(" ") if isinstance(merge, str) else None
@@ -146,7 +175,7 @@ def _gpt2_bpe(tokens, types, metadata, path) -> tokenizers.Tokenizer:
                                   f"got {merge!r}", path)
         merges.append((pair[0], pair[1]))
     pre = _get(metadata, "tokenizer.ggml.pre", path, "default")
-    if pre not in _GPT2_PRE_SPLITS:
+    if not isinstance(pre, str) or pre not in _GPT2_PRE_SPLITS:
         raise CheckpointError(f"unsupported tokenizer.ggml.pre {pre!r} for a gpt2 tokenizer "
                               f"(supported: {', '.join(_GPT2_PRE_SPLITS)})", path)
     vocab = {tok: i for i, tok in enumerate(tokens)}
@@ -172,21 +201,21 @@ def tokenizer_from_gguf(metadata: Dict[str, Any], path=None) -> Tuple[tokenizers
         CheckpointError naming the key that is missing or wrong, or the unsupported model.
     """
     model = _get(metadata, "tokenizer.ggml.model", path)
-    if model not in ("llama", "gpt2"):
-        raise CheckpointError(f"unsupported tokenizer model tokenizer.ggml.model = {model!r} "
+    if not isinstance(model, str) or model not in ("llama", "gpt2"):
+        raise CheckpointError(f"unsupported tokenizer model tokenizer.ggml.model = {model!r:.80} "
                               f"(supported: 'llama', 'gpt2')", path)
-    tokens = list(_get(metadata, "tokenizer.ggml.tokens", path))
+    tokens = _array(metadata, "tokenizer.ggml.tokens", path, lambda t: isinstance(t, str), "strings")
     n = len(tokens)
-    if n == 0 or not all(isinstance(t, str) for t in tokens):
+    if n == 0:
         raise CheckpointError("tokenizer.ggml.tokens must be a non-empty list of strings", path)
     if len(set(tokens)) != n:
         raise CheckpointError("tokenizer.ggml.tokens holds the same token twice", path)
-    types = [int(t) for t in _get(metadata, "tokenizer.ggml.token_type", path, [NORMAL] * n)]
+    types = _array(metadata, "tokenizer.ggml.token_type", path, is_int, "integers", [NORMAL] * n)
     if len(types) != n:
         raise CheckpointError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens", path)
 
     if model == "llama":
-        scores = [float(s) for s in _get(metadata, "tokenizer.ggml.scores", path)]
+        scores = _array(metadata, "tokenizer.ggml.scores", path, is_number, "numbers")
         if len(scores) != n:
             raise CheckpointError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens", path)
         tok, default_bos = _llama_spm(tokens, scores, types, metadata, path), True
@@ -195,10 +224,11 @@ def tokenizer_from_gguf(metadata: Dict[str, Any], path=None) -> Tuple[tokenizers
 
     # Control tokens (<s>, <|endoftext|>, <|im_start|>) are matched whole in the text and never cut
     # into pieces; user-defined ones too, but they count as text when decoding with skip_special_tokens.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind in (CONTROL, UNKNOWN)])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, kind in zip(tokens, types) if kind == USER_DEFINED])
+    with rust_errors("tokenizer.ggml.tokens: the control or user-defined tokens are refused", path):
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, types) if kind in (CONTROL, UNKNOWN)])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind in zip(tokens, types) if kind == USER_DEFINED])
 
     specials = dict(
         bos_id=_token_id(metadata, "tokenizer.ggml.bos_token_id", n, path),
@@ -212,7 +242,8 @@ def tokenizer_from_gguf(metadata: Dict[str, Any], path=None) -> Tuple[tokenizers
         if specials[flag] and specials[key] is None:
             raise CheckpointError(f"tokenizer.ggml.{flag}_token is true, but tokenizer.ggml."
                                   f"{key[:3]}_token_id is not set", path)
-    tok.post_processor = bos_eos_template(tok, specials["bos_id"], specials["eos_id"], specials["add_bos"],
-                                          specials["add_eos"])
+    with rust_errors("the bos/eos tokens do not make a post-processor", path):
+        tok.post_processor = bos_eos_template(tok, specials["bos_id"], specials["eos_id"],
+                                              specials["add_bos"], specials["add_eos"])
     return tok, specials
 

@@ -25,7 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,7 +33,8 @@ from torch import nn
 from ..config import LlamaConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import LlamaForCausalLM, rope_inv_freq
-from ..util import PathLike, decoder_of, read_json
+from ..util import PathLike, decoder_of, is_dir, is_file, read_json, torch_device
+from .checks import Stored, check_fits, check_tokenizer
 from .gguf import load_gguf
 from .hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from .peft import merge_adapter
@@ -58,9 +59,15 @@ def load_pretrained(path: PathLike, adapters: Iterable[PathLike] = (), dtype: to
     """
     if isinstance(adapters, (str, os.PathLike)):
         adapters = [adapters]
-    adapters = list(adapters)
+    elif isinstance(adapters, Iterable) and not isinstance(adapters, (bytes, dict, set)):
+        adapters = list(adapters)
+    if not (isinstance(adapters, list) and all(isinstance(a, (str, os.PathLike)) for a in adapters)):
+        raise ConfigError(f"adapters must be a folder or a list of folders, got {adapters!r:.80}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"path must be a model folder or a .gguf file, got {path!r:.80}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    device = torch_device(device)
     path = Path(path)
     seen = []
     while is_adapter_folder(path):
@@ -72,12 +79,13 @@ def load_pretrained(path: PathLike, adapters: Iterable[PathLike] = (), dtype: to
         seen.append(path.resolve())
         adapters.insert(0, path)
         path = adapter_base(path)
-    if path.is_file() and path.suffix == ".gguf":
+    if is_file(path) and path.suffix == ".gguf":
         model, tokenizer = load_gguf(path, dtype=dtype)
         model.to(device)
-    elif path.is_dir():
+    elif is_dir(path):
         config = read_config(path)
         tokenizer = load_hf_tokenizer(path, config)  # before the weights: a bad tokenizer fails fast
+        check_tokenizer(tokenizer, config, path / "tokenizer.json")
         model = load_hf_model(path, config, dtype=dtype, device=device)
     else:
         raise CheckpointError("neither a Hugging Face model directory nor a .gguf file", path)
@@ -88,18 +96,19 @@ def load_pretrained(path: PathLike, adapters: Iterable[PathLike] = (), dtype: to
 
 def is_adapter_folder(path: Path) -> bool:
     """A folder with adapter_config.json and no model weights: an adapter, standing in for its base."""
-    return path.is_dir() and (path / "adapter_config.json").is_file() and \
-        not any((path / f).is_file() for f in WEIGHT_FILES)
+    return is_dir(path) and is_file(path / "adapter_config.json") and \
+        not any(is_file(path / f) for f in WEIGHT_FILES)
 
 
 def adapter_base(adapter_dir: Path) -> Path:
     """The local base model an adapter folder names in adapter_config.json (base_model_name_or_path)."""
     config = read_json(adapter_dir / "adapter_config.json")
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    if not isinstance(base, str) or not base or not Path(base).exists():
-        raise CheckpointError(f"this adapter folder names its base model as {base!r}, which is not a "
-                              f"local path; pass the base model as the path and this folder as the "
-                              f"first adapter", adapter_dir)
+    is_model = isinstance(base, str) and (is_dir(base) or (is_file(base) and base.endswith(".gguf")))
+    if not is_model:
+        raise CheckpointError(f"this adapter folder names its base model as {base!r:.200}, which is not a "
+                              f"local path to a model folder or .gguf file; pass the base model as the "
+                              f"path and this folder as the first adapter", adapter_dir)
     return Path(base)
 
 
@@ -116,52 +125,43 @@ def read_config(model_dir: PathLike) -> LlamaConfig:
 def load_hf_model(model_dir: PathLike, config: Optional[LlamaConfig] = None,
                   dtype: torch.dtype = torch.float32,
                   device: Union[str, torch.device] = "cpu") -> LlamaForCausalLM:
-    """The weights of a Hugging Face directory in our LlamaForCausalLM (eval mode), tensor by tensor."""
+    """The weights of a Hugging Face directory in our LlamaForCausalLM (eval mode), tensor by tensor.
+
+    Every shard's header is read first and checked against the config (`checks.check_fits`: layer
+    count, names, shapes, bytes); only then is the model built, on the meta device, and each tensor
+    made its parameter.
+    """
     model_dir = Path(model_dir)
     config = read_config(model_dir) if config is None else config
-    weights, shards = find_weights(model_dir)
+    device = torch_device(device)
+    weights, listing = find_weights(model_dir)
 
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)  # shapes only: no memory, no random init
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    tied = config.tie_word_embeddings
-    if tied:  # lm_head.weight is embed_tokens.weight; a stored copy is checked, then skipped
-        tied_shape = expected.pop("lm_head.weight")
-
-    seen: Dict[str, Path] = {}
-    for shard, listed in shards.items():
-        found = set()
-        for name, tensor in _tensors(shard):
-            found.add(name)
-            if tied and name == "lm_head.weight" and tuple(tensor.shape) != tied_shape:
-                raise CheckpointError(f"tensor 'lm_head.weight': expected shape {tied_shape} from "
-                                      f"config.json, found {tuple(tensor.shape)}", shard)
-            if HARMLESS_EXTRA.fullmatch(name) or (tied and name == "lm_head.weight"):
+    shards = {shard: _Shard(shard) for shard in listing}  # headers (or mapped pickles) only
+    stored: Dict[str, Stored] = {}
+    for shard, tensors in shards.items():
+        for name, (shape, nbytes, floating) in tensors.describe().items():
+            if HARMLESS_EXTRA.fullmatch(name):
                 continue  # not a weight we keep
-            if name not in expected:
-                raise CheckpointError(f"unexpected tensor {name!r} (not a parameter of a Llama with "
-                                      f"this config)", shard)
-            if name in seen:
-                raise CheckpointError(f"tensor {name!r} is stored twice (also in {seen[name].name})",
+            if name in stored:
+                raise CheckpointError(f"tensor {name!r} is stored twice (also in {stored[name].file.name})",
                                       shard)
-            if tuple(tensor.shape) != expected[name]:
-                raise CheckpointError(f"tensor {name!r}: expected shape {expected[name]} from "
-                                      f"config.json, found {tuple(tensor.shape)}", shard)
-            if not tensor.is_floating_point():
+            if not floating:
                 raise CheckpointError(f"tensor {name!r}: expected floating-point weights, found "
-                                      f"{tensor.dtype}", shard)
-            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))  # one cast at a time
-            seen[name] = shard
-        absent = sorted(set(listed) - found)
+                                      f"{tensors.dtype(name)}", shard)
+            stored[name] = Stored(shape, nbytes, shard)
+        absent = sorted(set(listing[shard]) - set(tensors.describe()))
         if absent:
             raise CheckpointError(f"the index lists {len(absent)} tensors in {shard.name} that it "
                                   f"does not hold, e.g. {absent[0]!r}", weights)
+    check_fits(config, stored, sum(t.data_bytes for t in shards.values()), weights)
 
-    missing = sorted(set(expected) - set(seen))
-    if missing:
-        shapes = ", ".join(f"{n!r} {expected[n]}" for n in missing[:3])
-        raise CheckpointError(f"{len(missing)} tensors missing: {shapes}"
-                              f"{', ...' if len(missing) > 3 else ''}", weights)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)  # shapes only: no memory, no random init
+    tied = config.tie_word_embeddings
+    for tensors in shards.values():
+        for name in tensors.describe():
+            if name in stored and not (tied and name == "lm_head.weight"):
+                _set_parameter(model, name, tensors.pop(name).to(device=device, dtype=dtype))  # one at a time
     if tied:  # one Parameter under two names, as LlamaForCausalLM.__init__ ties them
         model.lm_head.weight = model.model.embed_tokens.weight
     # RoPE's frequencies are a buffer computed in __init__: on meta they are empty, so recompute.
@@ -192,22 +192,43 @@ def find_weights(model_dir: Path) -> Tuple[Path, Dict[Path, List[str]]]:
                 Path(shard_name).name != shard_name or "\\" in shard_name:
             raise CheckpointError(f"tensor {name!r}: invalid shard file name {shard_name!r}", path)
         shard = model_dir / shard_name
-        if not shard.is_file():
+        if not is_file(shard):
             raise CheckpointError(f"tensor {name!r}: shard {shard_name!r} does not exist", path)
         shards.setdefault(shard, []).append(name)
     return path, shards
 
 
-def _tensors(shard: Path) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, tensor) of one weights file, memory-mapped, one at a time."""
-    if shard.name.endswith(".safetensors"):
-        with SafetensorsFile(shard) as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    else:
-        state = load_torch_bin(shard)
-        for name in list(state):
-            yield name, state.pop(name)  # drop our reference as we go
+class _Shard:
+    """One weights file, opened: its tensors' shapes and sizes without their data, then the tensors."""
+
+    def __init__(self, path: Path):
+        if path.name.endswith(".safetensors"):
+            self._st, self._state = SafetensorsFile(path), None  # the header, checked; data mapped
+            self.data_bytes = self._st.data_bytes
+        else:
+            self._st, self._state = None, load_torch_bin(path)  # memory-mapped when the file allows
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                        for t in self._state.values()}
+            self.data_bytes = sum(storages.values())  # each storage once, however many views it has
+        self._info = None
+
+    def describe(self) -> Dict[str, Tuple[tuple, int, bool]]:
+        """{name: (shape, bytes in the file, floating point?)}, in the file's order."""
+        if self._info is None:
+            if self._st is not None:
+                f = self._st
+                self._info = {n: (f.shape(n), f.nbytes(n), f.dtype(n).is_floating_point) for n in f.keys()}
+            else:  # a view claims its own numel's bytes, however few its storage holds
+                self._info = {n: (tuple(t.shape), t.numel() * t.element_size(), t.is_floating_point())
+                              for n, t in self._state.items()}
+        return self._info
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._st.dtype(name) if self._st is not None else self._state[name].dtype
+
+    def pop(self, name: str) -> torch.Tensor:
+        """The tensor `name`; our reference to it is dropped (a pickle's tensors are freed as we go)."""
+        return self._st.get_tensor(name) if self._st is not None else self._state.pop(name)
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

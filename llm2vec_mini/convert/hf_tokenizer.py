@@ -31,8 +31,8 @@ from typing import Any, Dict, Optional
 
 import tokenizers
 
-from ..errors import CheckpointError
-from ..tokenizer import Tokenizer, added_by_post_processor, bos_eos_template
+from ..errors import CheckpointError, DataError
+from ..tokenizer import Tokenizer, added_by_post_processor, bos_eos_template, check_text, rust_errors
 from ..util import PathLike, is_int, read_json
 
 
@@ -51,10 +51,9 @@ def load_hf_tokenizer(path: PathLike, config: Any = None) -> Tokenizer:
                 "to tokenizer.json once with transformers, or load the model from GGUF)"
                 if (path / "tokenizer.model").exists() else "")
         raise CheckpointError(f"no tokenizer.json{hint}", path)
-    try:
+    with rust_errors("not a valid tokenizer.json", file):  # a serde message, or a panic
         tok = tokenizers.Tokenizer.from_file(str(file))
-    except Exception as e:  # the Rust side raises plain Exceptions with a serde message
-        raise CheckpointError(f"not a valid tokenizer.json ({e})", file) from None
+    _no_padding_or_truncation(tok, file)
 
     settings: Dict[str, Any] = {}  # field -> (value, the file that says so)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -95,7 +94,32 @@ def load_hf_tokenizer(path: PathLike, config: Any = None) -> Tokenizer:
             warnings.warn(f"{where}: {flag} is {said}, but the post-processor of tokenizer.json "
                           f"{'adds' if value else 'does not add'} that token; following tokenizer.json, "
                           f"as transformers does", stacklevel=2)
-    return Tokenizer(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos, add_eos=add_eos)
+    return Tokenizer(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos, add_eos=add_eos,
+                     path=file)
+
+
+# Longer than any context a model reads; tokenizers allocates a padded length up front, so a length
+# like 2**40 would abort the process (a failed allocation in Rust is no exception).
+MAX_PAD_LENGTH = 1 << 20
+
+
+def _no_padding_or_truncation(tok: tokenizers.Tokenizer, file: Path) -> None:
+    """tokenizer.json may ask for padding or truncation on every encode. We pad and cut ourselves
+    (the encoder, the collators), as transformers does unless a call asks, so both are switched off;
+    settings that would crash `tokenizers` (a stride not below max_length, a padding length it
+    cannot allocate) mark a broken file and are refused."""
+    truncation, padding = tok.truncation, tok.padding
+    if truncation is not None:
+        length, stride = truncation.get("max_length"), truncation.get("stride", 0)
+        if not (is_int(length) and is_int(stride) and 0 <= stride < length):
+            raise CheckpointError(f"truncation: stride ({stride}) must be below max_length ({length})", file)
+        tok.no_truncation()
+    if padding is not None:
+        for key in ("length", "pad_to_multiple_of"):
+            value = padding.get(key)
+            if value is not None and not (is_int(value) and 0 <= value <= MAX_PAD_LENGTH):
+                raise CheckpointError(f"padding: {key} {value} is over {MAX_PAD_LENGTH} tokens", file)
+        tok.no_padding()
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer, path: PathLike, legacy_merges: bool = False) -> Path:
@@ -144,9 +168,14 @@ def _write_legacy_merges(file: Path) -> None:
 
 def _token_content(value: Any, field: str, where: Optional[Path]) -> Optional[str]:
     """A special token as the files write it: "<s>", {"content": "<s>", ...} or null."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
+    content = value["content"] if isinstance(value, dict) and isinstance(value.get("content"), str) else value
+    if content is None:
+        return None
+    if isinstance(content, str):
+        try:
+            check_text(content, field)  # a lone surrogate (JSON may write "\ud800") is no token
+        except DataError as e:
+            raise CheckpointError(str(e), where) from None
+        return content
     raise CheckpointError(f"{field} must be a string or an object with a 'content' string, got {value!r}",
                           where)

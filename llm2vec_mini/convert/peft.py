@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -42,6 +43,11 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..lora import LoRALinear, lora_layers, lora_scale
 from ..util import PathLike, decoder_of, is_int, is_number, read_json
+
+try:  # the regex parser, to look at a pattern before matching with it (sre_parse before Python 3.11)
+    from re import _parser as sre_parse
+except ImportError:  # pragma: no cover
+    import sre_parse
 from .safetensors import load_file, save_file
 from .torch_bin import load_torch_bin
 
@@ -196,7 +202,7 @@ def _check_config(config, path: Path) -> dict:
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not (is_int(r) and r > 0):
         raise CheckpointError(f"r must be a positive integer, got {r!r}", path)
-    if not (is_number(alpha) and alpha > 0):
+    if not (is_number(alpha) and 0 < alpha < math.inf):
         raise CheckpointError(f"lora_alpha must be a positive number, got {alpha!r}", path)
     dropout = config.get("lora_dropout") or 0.0
     if not (is_number(dropout) and 0 <= dropout < 1):
@@ -216,22 +222,51 @@ def _check_config(config, path: Path) -> dict:
         raise CheckpointError(f"target_modules must be a list of names or a regex, got {targets!r}",
                               path)
     if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            raise CheckpointError(f"target_modules: {targets!r} is not a valid regex ({e})", path) from e
+        _check_regex(targets, "target_modules", path)
     for field in ("rank_pattern", "alpha_pattern"):
         pattern = config.get(field) or {}
         if not isinstance(pattern, dict) or not all(
-                is_number(v) and v > 0 for v in pattern.values()):
+                is_number(v) and 0 < v < math.inf for v in pattern.values()):
             raise CheckpointError(f"{field} must map module patterns to positive numbers", path)
         for key in pattern:
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise CheckpointError(f"{field}: {key!r} is not a valid regex ({e})", path) from e
+            _check_regex(key, field, path)
         config[field] = pattern
     return config
+
+
+def _check_regex(pattern: str, field: str, path) -> None:
+    """A regex from the file, compiled, with no quantifier or alternation inside a quantified group
+    (`(a+)+`, `(a|aa)*`) and few unbounded quantifiers (`.*.*.*.*.*`): Python's backtracking matcher
+    can take exponential (or high polynomial) time on those, so a hostile adapter_config.json could
+    hang the loader."""
+    try:
+        parsed = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise CheckpointError(f"{field}: {pattern!r:.80} is not a valid regex ({e})", path) from None
+    unbounded, todo = 0, [(parsed, False)]
+    while todo:  # (a parsed sequence, is it inside a repeat?)
+        items, repeated = todo.pop()
+        for op, arg in items:
+            if op in (sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT):  # possessive ones never backtrack
+                low, high, body = arg
+                many = high is sre_parse.MAXREPEAT or high > 1
+                if many and repeated:
+                    raise CheckpointError(f"{field}: {pattern!r:.80} repeats a repeated group, which can "
+                                          f"take exponential time to match", path)
+                unbounded += high is sre_parse.MAXREPEAT
+                todo.append((body, repeated or many))
+            elif op is sre_parse.SUBPATTERN:
+                todo.append((arg[-1], repeated))
+            elif op is sre_parse.BRANCH:
+                if repeated:  # (a|aa)*: two ways to match the same text, at every repetition
+                    raise CheckpointError(f"{field}: {pattern!r:.80} repeats an alternation, which can "
+                                          f"take exponential time to match", path)
+                todo += [(branch, repeated) for branch in arg[1]]
+            elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+                todo.append((arg[1], repeated))
+    if unbounded > 4:
+        raise CheckpointError(f"{field}: {pattern!r:.80} has {unbounded} unbounded repeats (at most 4), "
+                              f"which can take very long to match", path)
 
 
 def _pattern_value(patterns: dict, name: str, default):

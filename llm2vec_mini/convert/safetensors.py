@@ -36,7 +36,7 @@ from typing import Dict, Optional
 import torch
 
 from ..errors import CheckpointError
-from ..util import is_int
+from ..util import is_int, parse_json
 
 # dtype name in the header -> (torch dtype, bytes per element)
 DTYPES: Dict[str, tuple] = {
@@ -50,6 +50,11 @@ DTYPES: Dict[str, tuple] = {
     "I8": (torch.int8, 1),
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
+    "U64": (torch.uint64, 8),
+    "U32": (torch.uint32, 4),
+    "U16": (torch.uint16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
 }
 _NAME_OF = {dtype: name for name, (dtype, _) in DTYPES.items()}
 
@@ -112,14 +117,7 @@ class SafetensorsFile:
         raise CheckpointError(message, self.path)
 
     def _parse_header(self, header_bytes: bytes):
-        try:
-            header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-        except UnicodeDecodeError as e:
-            self._fail(f"header is not valid UTF-8 ({e})")
-        except ValueError as e:
-            self._fail(f"header is not valid JSON ({e})")
-        except RecursionError:
-            self._fail("header JSON is nested too deeply to be a safetensors header")
+        header = parse_json(header_bytes, self.path, object_pairs_hook=_no_duplicate_keys, strict=True)
         if not isinstance(header, dict):
             self._fail(f"header must be a JSON object, got {type(header).__name__}")
 
@@ -132,11 +130,22 @@ class SafetensorsFile:
         for name, info in header.items():
             entries[name] = self._check_entry(name, info)
 
-        # No two tensors may share bytes (an empty tensor occupies none).
-        spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+        # No two tensors may share bytes (an empty tensor occupies none), and together they fill the
+        # data section exactly, back to back, as the reference reader demands: a header length one
+        # byte short would otherwise shift every tensor by a byte.
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items())
         for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 self._fail(f"tensor {n1!r} (bytes {b1}..{e1}) overlaps tensor {n0!r} (bytes {b0}..{e0})")
+        end = 0
+        for begin, stop, name in spans:
+            if begin != end:
+                self._fail(f"tensor {name!r} starts at byte {begin} of the data section, where the "
+                           f"tensors before it end at {end}: the offsets leave a gap")
+            end = stop
+        if end != self._data_len:
+            self._fail(f"the tensors end at byte {end} of the data section, which has {self._data_len} "
+                       f"bytes: a wrong header length, or bytes after the last tensor")
         return metadata, entries
 
     def _check_entry(self, name: str, info):
@@ -151,6 +160,8 @@ class SafetensorsFile:
                        f"(known: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             self._fail(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        if math.prod(d for d in shape if d) >= 2**63:  # torch's strides are int64, an empty tensor's too
+            self._fail(f"tensor {name!r}: shape {shape} is too large for any tensor")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(is_int(o) for o in offsets)):
             self._fail(f"tensor {name!r}: data_offsets must be two integers, got {offsets!r}")
@@ -185,6 +196,16 @@ class SafetensorsFile:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._entry(name)[0]
+
+    def nbytes(self, name: str) -> int:
+        """The bytes tensor `name` takes in the file (from the header; nothing is read)."""
+        _, _, begin, end = self._entry(name)
+        return end - begin
+
+    @property
+    def data_bytes(self) -> int:
+        """The size of the data section: what all tensors together may take."""
+        return self._data_len
 
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor `name`, a view of the file's private mapping (clone it to detach from the file).

@@ -38,7 +38,12 @@ def load_torch_bin(path) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise CheckpointError("no such file", path)
     # Zip archives (every torch.save since 1.6) can be memory-mapped; legacy pickles cannot.
-    mmap = zipfile.is_zipfile(path)
+    try:
+        mmap = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, ValueError, EOFError) as e:  # a damaged end record can raise here too
+        raise CheckpointError(f"a damaged zip archive ({e})", path) from None
+    if mmap:
+        _check_records(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # the weights-only unpickler refused a global or an opcode
@@ -61,7 +66,28 @@ def load_torch_bin(path) -> Dict[str, torch.Tensor]:
             raise CheckpointError(f"tensor {name!r}: expected a tensor, found a {type(value).__name__}"
                                   f" (nested checkpoints such as {{'state_dict': ...}} are not "
                                   f"supported)", path)
+        # A weight is a plain dense tensor with its bytes in the file: not a meta tensor (no data at
+        # all), not sparse or quantised (another layout), not a tensor subclass.
+        if value.is_meta or value.layout != torch.strided or value.is_quantized or \
+                type(value) not in (torch.Tensor, torch.nn.Parameter):
+            kind = "meta" if value.is_meta else str(value.layout) if value.layout != torch.strided else \
+                "quantised" if value.is_quantized else type(value).__name__
+            raise CheckpointError(f"tensor {name!r}: a {kind} tensor; a weight must be a plain dense tensor "
+                                  f"stored in the file", path)
     return dict(payload)
+
+
+def _check_records(path) -> None:
+    """torch.save stores every record of its zip archive as it is. A compressed record could expand
+    to any size when read (a zip bomb), so one is refused before anything is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as e:
+        raise CheckpointError(f"a damaged zip archive ({type(e).__name__}: {e})", path) from None
+    if packed:
+        raise CheckpointError(f"record {packed[0]!r} is compressed, which torch.save never does: it could "
+                              f"expand to any size when read", path)
 
 
 def imported_globals(path, limit: int = 1 << 26) -> list[str]:
@@ -71,11 +97,12 @@ def imported_globals(path, limit: int = 1 << 26) -> list[str]:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-                data = archive.read(name)[:limit] if name else b""
+                with archive.open(name) if name else io.BytesIO() as record:
+                    data = record.read(limit)  # never more than `limit`, however large the record
         else:  # a legacy file: several pickles in a row, before the tensor bytes
             with open(path, "rb") as f:
                 data = f.read(limit)
-    except (OSError, zipfile.BadZipFile):
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):
         return []
     stream, found, strings = io.BytesIO(data), [], []
     while stream.tell() < len(data):

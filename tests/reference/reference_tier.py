@@ -103,6 +103,22 @@ def write_tokenizer(kind: str, out: Path) -> Path:
     return out
 
 
+def make_tiny_llm2vec(kind: str, work: Path, cache, init_std: float = 0.02) -> dict:
+    """{kind, base, mntp, simcse, config, work}: a tiny random Llama (`TINY_CONFIG`, the vocabulary
+    of `kind`, weights N(0, init_std)) written by transformers, with an MNTP and a SimCSE adapter in
+    the Hub's layout."""
+    # Converting a GGUF vocabulary takes seconds; the result is kept in pytest's cache folder.
+    tok_dir = cache.mkdir(f"llm2vec-ref-tokenizer-{kind}")
+    if not (tok_dir / "tokenizer_config.json").exists():
+        write_tokenizer(kind, tok_dir)
+    config = dict(TINY_CONFIG, **VOCAB[kind], initializer_range=init_std)
+    run_official("make-fixture", {"out": str(work / "model"), "tokenizer_dir": str(tok_dir), "seed": 0,
+                                  "config": config, "lora_r": 4, "lora_std": 0.05,
+                                  "result": str(work / "fixture.json")}, work)
+    dirs = json.loads((work / "fixture.json").read_text())
+    return dict(dirs, kind=kind, config=config, work=work)
+
+
 def official_encode(tiny: dict, jobs: list, name: str) -> list:
     """Run official `LLM2Vec.from_pretrained(...).encode(texts)` for each job dict in one process.
 

@@ -46,9 +46,11 @@ def test_official_loads_our_trained_adapters_the_hub_way(tiny_llm2vec, trained, 
             dict(texts=MIXED, base=str(mntp), peft=None, batch_size=7)]
     (ref, info), (ref_mntp_only, _) = official_encode(dict(tiny_llm2vec, work=tmp_path), jobs, "trained")
     assert info["pooling_mode"] == "mean"  # read from our SimCSE folder's llm2vec_config.json
-    ours = LLM2Vec.from_pretrained(tiny_llm2vec["base"], adapters=[mntp, simcse], device="cpu")
+    ours = LLM2Vec.from_pretrained(tiny_llm2vec["base"], adapters=[mntp, simcse], device="cpu",
+                                   dtype="float32")  # fp32: the parity below is to 1e-5
     assert_parity("our adapters in the official library", ours.encode(MIXED, batch_size=7), ref)
-    ours_mntp = LLM2Vec.from_pretrained(mntp, device="cpu")  # the MNTP folder as a model, as there
+    # the MNTP folder as a model, as there
+    ours_mntp = LLM2Vec.from_pretrained(mntp, device="cpu", dtype="float32")
     assert_parity("our MNTP folder in the official library", ours_mntp.encode(MIXED, batch_size=7),
                   ref_mntp_only)
     assert cosine_distance(ref, ref_mntp_only).max() > 1e-6  # the SimCSE adapter did change something
@@ -59,7 +61,7 @@ def test_official_loads_a_directory_we_saved(tiny_llm2vec, trained, tmp_path):
 
     mntp, simcse = trained
     ours = LLM2Vec.from_pretrained(tiny_llm2vec["base"], adapters=[mntp, simcse], pooling="weighted_mean",
-                                   doc_max_length=12, device="cpu")
+                                   doc_max_length=12, device="cpu", dtype="float32")
     saved = ours.save(tmp_path / "saved")
     assert set(json.loads((saved / "llm2vec_config.json").read_text())) == {
         "pooling_mode", "max_length", "doc_max_length", "skip_instruction"}

@@ -162,7 +162,7 @@ def our_encode(tiny: dict, job: dict) -> np.ndarray:
         tiny["base"], adapters=adapters, pooling=job.get("pooling_mode"),
         bidirectional=job.get("enable_bidirectional", True), max_length=job.get("max_length"),
         doc_max_length=job.get("doc_max_length"), skip_instruction=job.get("skip_instruction"),
-        device="cpu")
+        device="cpu", dtype="float32")
     return np.asarray(model.encode(job["texts"], batch_size=job.get("batch_size", 32)), np.float32)
 
 

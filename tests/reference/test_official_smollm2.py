@@ -44,7 +44,7 @@ def test_smollm2_mean_embeddings_match_official(smollm2_dir, sentences, tmp_path
     fixture = {"work": tmp_path, "mntp": str(smollm2_dir), "simcse": None}
     (plain_ref, info), (pairs_ref, _) = official_encode(fixture, jobs, "smollm2")
     assert info["padding_side"] == "left"
-    ours = LLM2Vec.from_pretrained(smollm2_dir, pooling="mean", device="cpu")
+    ours = LLM2Vec.from_pretrained(smollm2_dir, pooling="mean", device="cpu", dtype="float32")
     plain = ours.encode(sentences, batch_size=32)
     with_instruction = ours.encode(pairs, batch_size=32)
     assert_parity("smollm2", plain, plain_ref)

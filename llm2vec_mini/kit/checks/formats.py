@@ -18,13 +18,14 @@ from .expect import expect, expect_close, need, tensor
 
 def write_safetensors(path, tensors: dict, metadata: dict) -> None:
     """A safetensors file from {name: (dtype name, shape, raw bytes)}, written from the format's
-    definition: the data in reverse name order (the header lists names sorted), the header padded."""
+    definition: the data in reverse name order (the header lists names sorted), one tensor right after
+    the other (the format allows no holes in the data), the header padded with spaces."""
     header, data = {"__metadata__": metadata}, b""
     for name in sorted(tensors, reverse=True):
         dtype, shape, raw = tensors[name]
         header[name] = {"dtype": dtype, "shape": list(shape),
                         "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw + b"\0" * (-len(raw) % 8)  # the next tensor starts 8-byte aligned
+        data += raw
     text = json.dumps(dict(sorted(header.items())), separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
