@@ -38,7 +38,7 @@
 # %% [markdown]
 # **Assumes:** [tutorials 01](01_llama_from_scratch.ipynb) and [02](02_bidirectional_attention.ipynb): hidden states, attention masks, left padding.
 #
-# **Time:** about 30 minutes to read; about 20 seconds to run, plus about 2 minutes for the SmolLM2 cells (`LLM2VEC_MINI_REAL=1`: SmolLM2 on all of STS-B dev).
+# **Time:** about 30 minutes to read; about 20 seconds to run, plus 3 to 4 minutes for the SmolLM2 cells (`LLM2VEC_MINI_REAL=1`: SmolLM2 on all of STS-B dev).
 #
 # **The learning path:** 01 the decoder → 02 bidirectional attention → 04 pooling and encoding →
 # 05 LoRA → 06 MNTP → 07 SimCSE → 08 end to end; 03 (file formats) is an optional deep dive.
@@ -338,8 +338,8 @@ else:
 # (LLM2Vec's first step alone). The paper finds that switching to bidirectional attention without
 # training hurts most models: the decoder was never trained to read the future. Steps 2 and 3
 # (tutorials 06 and 07) are there to fix that. Each of the two cells encodes about 3,000 sentences: a
-# minute or two on a GPU or a laptop's CPU, and about 16 minutes each on a busy 2-core CPU, where our
-# run gave Spearman 54.2 (causal) and 28.5 (bidirectional).
+# minute or two on a laptop's CPU (about 100 s each on one core of this project's machine, with bf16:
+# `dtype="auto"`), seconds on a GPU; our run gave Spearman 54.2 (causal) and 28.5 (bidirectional).
 
 # %%
 from llm2vec_mini.hub import smollm2_path

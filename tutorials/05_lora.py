@@ -313,8 +313,8 @@ else:
 
     torch.set_num_threads(os.cpu_count() or 1)  # a real model: use every core
     real, real_tokenizer = llm2vec_mini.load_pretrained(smollm2_path())
-    texts = [line for line in read_lines(WIKITEXT) if len(line) > 80][:8]
-    batch = torch.tensor([real_tokenizer.encode(t)[:48] for t in texts])  # (8, 48), none shorter
+    long_enough = (ids for ids in map(real_tokenizer.encode, read_lines(WIKITEXT)) if len(ids) >= 48)
+    batch = torch.tensor([ids[:48] for _, ids in zip(range(8), long_enough)])  # (8, 48): 8 paragraphs
     with torch.no_grad():
         plain_logits = real(batch)
     add_lora(real, r=16, alpha=32.0, dropout=0.05)  # the decoder stays causal here

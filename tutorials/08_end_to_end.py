@@ -44,7 +44,7 @@
 #   MNTP on WikiText-2, SimCSE on Wikipedia sentences, scores on the first 400 pairs of STS-B dev. It
 #   needs the model in the cache (`python -m llm2vec_mini download smollm2`) and finds the data as the
 #   demo does (`$LLM2VEC_MINI_DATA`, the download cache, `../../shared/data`; downloaded when there is
-#   none), and takes 10 to 20 minutes on two CPU cores.
+#   none), and takes about 8 minutes on two CPU cores.
 
 # %% [markdown]
 # **Assumes:** the whole path: [01](01_llama_from_scratch.ipynb), [02](02_bidirectional_attention.ipynb), [04](04_pooling_and_encoding.ipynb), [05](05_lora.ipynb), [06](06_mntp.ipynb), [07](07_simcse.ipynb).
@@ -158,6 +158,7 @@ def read_log(folder):  # train() writes one JSON record per optimizer step
 
 PROBE = list(PAIRS.sentences1[:8])
 EMB = {}  # stage -> (len(PROBE), hidden) embeddings of PROBE
+print(f"scores on {len(PAIRS)} pairs ({PAIRS.name}); {len(PROBE)} probe sentences, the first {PROBE[0]!r}")
 
 # %% [markdown]
 # ## Stage 1 · Uni + mean: the decoder as it is

@@ -27,6 +27,7 @@ import jupytext
 import nbformat
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 
 TUTORIALS = Path(__file__).resolve().parent
@@ -74,7 +75,11 @@ def run(nb: nbformat.NotebookNode, real: bool = False, backend: str = "Agg") -> 
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=ThisInterpreter())
     client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, startup_timeout=KERNEL_START_TIMEOUT_S,
                             record_timing=False, resources={"metadata": {"path": str(TUTORIALS)}})
-    client.execute(env=kernel_env(real, backend))
+    try:
+        client.execute(env=kernel_env(real, backend))
+    finally:  # nbclient shuts down only the kernels it made itself: this one is ours to stop
+        if km.has_kernel:
+            run_sync(km.shutdown_kernel)(now=True)
     return nb
 
 
