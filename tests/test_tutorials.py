@@ -34,7 +34,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in IPython tracebac
 # What a committed output must not contain: this machine's paths, memory addresses, progress bars,
 # and the line a SmolLM2 cell prints when it was skipped.
 DEBRIS = re.compile(r"/(?:work|root|home|tmp|Users)/|\bat 0x[0-9a-fA-F]{6,}|\r|it/s\]|"
-                    r"skipped: set LLM2VEC_MINI_REAL=1")
+                    r"skipped: set LLM2VEC_MINI_REAL=1|IProgress not found")
 
 
 def _run(nb, name: str) -> None:

@@ -96,10 +96,20 @@ def clean_text(text: str) -> str:
     return text.split("\r")[-1] if "\r" in text and "\n" not in text else text.replace("\r\n", "\n")
 
 
+# tqdm.auto's warning in a kernel without ipywidgets (the bars themselves are off: TQDM_DISABLE)
+_TQDM_WARNING = re.compile(r"^.*TqdmWarning: IProgress not found.*\n(  from \.autonotebook import.*\n)?", re.M)
+
+
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Outputs fit for a diff: no execution metadata, no machine paths or addresses in any text."""
+    """Outputs fit for a diff: no execution metadata, no machine paths or addresses in any text, no
+    warnings about the notebook machinery itself."""
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if "outputs" in cell:
+            for output in cell.outputs:
+                if output.output_type == "stream" and output.name == "stderr":
+                    output["text"] = _TQDM_WARNING.sub("", output["text"])
+            cell.outputs = [o for o in cell.outputs if o.output_type != "stream" or o["text"]]
         for output in cell.get("outputs", []):
             if "text" in output:
                 output["text"] = clean_text(output["text"])
