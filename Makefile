@@ -6,7 +6,7 @@ REF_VENV := .venv-ref
 REF_PY := $(REF_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo model data test-reference reference-setup bench reproduce fuzz clean
+.PHONY: setup test test-fast lint tutorials exercises lab demo model data test-reference reference-setup bench reproduce fuzz clean
 
 # Re-runs are no-ops: the stamp is newer than both requirement files.
 setup: $(VENV)/.stamp
@@ -31,6 +31,23 @@ lint: setup
 
 test: setup model lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The component tests only: no model download, no data, no notebooks, nothing slow (under a minute).
+test-fast: setup lint
+	LLM2VEC_MINI_TEST_FAST=1 $(PY) -m pytest tests -q -m "not notebook and not slow" $(PYTEST_ARGS)
+
+# Execute every tutorial (the SmolLM2 cells too) and write its outputs into the committed notebook.
+tutorials: setup model
+	$(PY) tutorials/execute.py --real
+
+# The exercise notebooks (tutorials/exercises/): the tutorials with their hand derivations left blank.
+exercises: setup
+	$(PY) -m llm2vec_mini.kit notebooks
+
+# JupyterLab on the tutorials (an optional extra, requirements-lab.txt; opens the .py sources as notebooks too).
+lab: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lab.txt
+	$(PY) -m jupyter lab tutorials
 
 # The fuzz suite at length (make test runs one round of it): more rounds of mutations, other seeds.
 FUZZ_ROUNDS ?= 12

@@ -18,7 +18,8 @@ averages the batch's padding; and a single word longer than `doc_max_length` tok
 `doc_max_length` tokens, where the official word-level cut leaves nothing.
 
 References:
-1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2 and Appendix C
+1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 3.2 (instructions, pooling
+   the text only) and Appendix C.2 (Table 10, the instructions)
 2) The official implementation, https://github.com/McGill-NLP/llm2vec (`llm2vec/llm2vec.py`, v0.2.3)
 """
 

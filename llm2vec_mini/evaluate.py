@@ -13,7 +13,8 @@ diverged encoder): we then return `nan`, as scipy.stats does, rather than raise,
 not hide the others in a table. Inputs of different lengths or with fewer than two points raise `DataError`.
 
 References:
-1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961 (Sec. 4: STS, Spearman of cosines)
+1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 3.2 (MTEB, whose STS tasks
+   score the Spearman correlation of cosines; the STS results are in Tables 1 and 11)
 2) Muennighoff et al., "MTEB: Massive Text Embedding Benchmark", 2023, https://arxiv.org/abs/2210.07316
 3) Reimers, Beyer and Gurevych, "Task-Oriented Intrinsic Evaluation of Semantic Textual Similarity",
    COLING 2016, https://aclanthology.org/C16-1009 (why Spearman)

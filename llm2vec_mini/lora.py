@@ -6,8 +6,8 @@ so a fresh adapter changes nothing, and training moves only r·(in + out) number
 The module names are PEFT's (`...q_proj.lora_A`, `...q_proj.lora_B`), so an adapter saved by
 `convert/peft.py` loads in peft and in the official llm2vec, and theirs load here. This module is the
 maths only: the layer, attaching it, merging and unmerging; the file format lives in `convert/peft.py`.
-LLM2Vec's settings (paper Appendix D.1): r = 16, alpha = 32, dropout 0.05 on every attention and MLP
-projection; lm_head stays frozen.
+LLM2Vec's settings: r = 16, alpha = 32 (paper Appendix D.1.1-D.1.2), and in the official code dropout
+0.05 on every attention and MLP projection; lm_head stays frozen here.
 
 References:
 1) Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021, https://arxiv.org/abs/2106.09685

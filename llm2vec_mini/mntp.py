@@ -1,4 +1,4 @@
-"""Masked next-token prediction (MNTP), LLM2Vec step 2 (paper Sec. 2.2).
+"""Masked next-token prediction (MNTP), LLM2Vec step 2 (paper Sec. 2.1; its setup in Sec. 2.2).
 
 With bidirectional attention a decoder can see the whole text, but was never trained to use its future
 context. MNTP teaches it: mask a fraction of the tokens (BERT-style), and predict a masked token i from
@@ -19,7 +19,7 @@ adapter, then never saves it. Our recipe freezes it (LoRA only, as the paper des
 embeddings (Sheared-LLaMA; a tied head, as SmolLM2's, stays frozen in the official run too).
 
 References:
-1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.2 and Appendix D.1.1
+1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.1-2.2 and Appendix D.1.1
 2) Devlin et al., "BERT", 2019, https://arxiv.org/abs/1810.04805, Sec. 3.1 (the 80/10/10 recipe)
 """
 

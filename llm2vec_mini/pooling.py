@@ -1,7 +1,8 @@
-"""Pooling: from one hidden state per token to one vector per text (LLM2Vec, Sec. 2.2 and Appendix).
+"""Pooling: from one hidden state per token to one vector per text (LLM2Vec, Sec. 3.2 and Figure 3).
 
-A decoder gives a matrix of hidden states (B, T, H); an embedding is one row (B, H). LLM2Vec
-compares five ways to get it:
+A decoder gives a matrix of hidden states (B, T, H); an embedding is one row (B, H). The paper compares
+three ways to get it (EOS, mean, weighted mean: Figure 3, and Table 5 in Appendix D.2.2); the official
+library offers two more (last token, BOS). All five:
 
     mean           average of the text's token states                      e = (1/n) sum_t h_t
     weighted_mean  later tokens weigh more (Muennighoff's SGPT)             e = sum_t (t / sum_s s) h_t
@@ -26,7 +27,8 @@ instruction separator, as its SimCSE training does) is pooled as the official li
 `mean` averages all T positions of the row, padding included, and `weighted_mean` gives zeros.
 
 References:
-1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961 (Sec. 2.2, pooling ablation)
+1) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 3.2 and Figure 3 (the pooling
+   ablation; Table 5 in Appendix D.2.2)
 2) Muennighoff, "SGPT", 2022, https://arxiv.org/abs/2202.08904 (position-weighted mean pooling)
 3) The official implementation, https://github.com/McGill-NLP/llm2vec (`LLM2Vec.get_pooling`, v0.2.3)
 """

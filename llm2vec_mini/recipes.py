@@ -8,8 +8,11 @@
 model); `train_mntp` and `train_simcse` load the model from files first and write the folders the
 official library loads too (`train-mntp` and `train-simcse`). Each stage draws the adapter's initial
 values from the training seed, so the same seed and settings give the same adapter on every path.
-Defaults are the paper's Sheared-LLaMA settings (Appendix D.1; train.TrainConfig for the optimizer);
-`make demo` and `make reproduce` scale them down for a CPU (demo.py).
+Defaults are the official Sheared-LLaMA configs (`train_configs/{mntp,simcse}/Sheared-Llama.json`): the
+paper gives the steps (1,000), the MNTP batch (32), the mask ratio and LoRA's r and alpha (Sec. 2.2,
+Appendix D.1.1-D.1.2); the learning rates, block sizes, SimCSE's scale and batch (128, where the paper
+says 32 for S-LLaMA) come from the configs. `make demo` and `make reproduce` scale them down for a CPU
+(demo.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SimCSE, LLM2Vec step 3 (paper Sec. 2.3): contrastive learning of one vector per sentence.
+"""SimCSE, LLM2Vec step 3 (paper Sec. 2.1; its setup in Sec. 2.2): one vector per sentence, contrastively.
 
 Unsupervised: pass the same batch through the model twice in training mode. Dropout differs between
 the passes, so each sentence gets two slightly different embeddings e1_i, e2_i; the pair (e1_i, e2_i)
@@ -23,7 +23,8 @@ text through SDPA). `pool_all_positions=True` reproduces that, for mean pooling.
 References:
 1) Gao, Yao, Chen, "SimCSE", 2021, https://arxiv.org/abs/2104.08821, Sec. 3 (unsupervised) and 4
    (supervised)
-2) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.3 and Appendix D.1.2
+2) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.1-2.2 and Appendix D.1.2;
+   the supervised loss: Sec. 5.1 and Appendix G
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ so that N processes with batch b take the same steps as one process with batch N
 
 References:
 1) Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (AdamW), 2019, https://arxiv.org/abs/1711.05101
-2) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Appendix D (the settings)
+2) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Appendix D.1.1-D.1.2
+   (steps, batch, LoRA; the optimizer settings are the official configs' and the Hugging Face
+   Trainer's defaults)
 """
 
 from __future__ import annotations

@@ -28,10 +28,17 @@ def missing(reason: str):
     pytest.skip(reason)
 
 
+def fast_tests() -> bool:
+    """`make test-fast` (LLM2VEC_MINI_TEST_FAST=1): no data, no model, no notebooks, nothing slow."""
+    return os.environ.get("LLM2VEC_MINI_TEST_FAST") == "1"
+
+
 def shared_data_dir() -> Path:
     """The data folder in the package's one order (`hub.find_data_dir`: $LLM2VEC_MINI_DATA, the
     download cache, ../shared/data), holding every file of the data table; skip or fail without one."""
     from llm2vec_mini.hub import find_data_dir
+    if fast_tests():
+        pytest.skip("make test-fast runs without the data folder")
     try:
         path = find_data_dir()
     except FileNotFoundError as e:  # $LLM2VEC_MINI_DATA names a folder without the data
@@ -40,6 +47,19 @@ def shared_data_dir() -> Path:
         missing("no data folder ($LLM2VEC_MINI_DATA, the download cache or ../shared/data): "
                 "`python -m llm2vec_mini download data` fetches it")
     return path
+
+
+DATA_FIXTURES = {"data_dir", "sts_dev_texts", "llama2_tokenizer", "tiny_llama_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark what a test needs from its fixtures, so that `-m "not data"` or `-m "not real_model"` select."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & DATA_FIXTURES:
+            item.add_marker(pytest.mark.data)
+        if "smollm2_gguf" in names:
+            item.add_marker(pytest.mark.real_model)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -55,6 +75,21 @@ def pytest_runtest_makereport(item, call):
             report.longrepr = f"{reason} (LLM2VEC_MINI_REQUIRE_DATA=1: the reference libraries are required)"
 
 
+class Reference:
+    """A reference library (transformers, peft, scipy, ...) imported on first use, so that only the tests
+    that compare against it need it: such a test skips with a reason when the library is missing (and
+    fails under LLM2VEC_MINI_REQUIRE_DATA=1, see below); every other test of the file still runs.
+
+        transformers = Reference("transformers")   # at module level, instead of `import transformers`
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(pytest.importorskip(self._name), attr)  # skips: "could not import ..."
+
+
 @pytest.fixture
 def data_dir() -> Path:
     return shared_data_dir()
@@ -67,6 +102,8 @@ def smollm2_gguf() -> Path:
     """Path of the cached SmolLM2-135M-Instruct Q4_1 GGUF file; skip (or fail under
     LLM2VEC_MINI_REQUIRE_DATA=1) when `python -m llm2vec_mini download smollm2` has not been run."""
     from llm2vec_mini.hub import smollm2_path
+    if fast_tests():
+        pytest.skip("make test-fast runs without the model")
     try:
         return smollm2_path()
     except FileNotFoundError as e:

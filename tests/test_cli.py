@@ -10,11 +10,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import Reference
 
 from llm2vec_mini.cli import main
 from llm2vec_mini.encoder import LLM2Vec
 from llm2vec_mini.errors import CheckpointError
+
+transformers = Reference("transformers")
 
 SENTENCES = ["A man is playing a guitar.", "A man plays the guitar.", "A dog runs in a field.",
              "The stock market fell today.", "A woman is cutting an onion.", "Someone chops an onion."]

@@ -1,9 +1,11 @@
 """LlamaConfig: both config.json layouts, presets, and typed errors for inconsistent values."""
 
 import pytest
-import transformers
+from conftest import Reference
 
 from llm2vec_mini import ConfigError, LlamaConfig
+
+transformers = Reference("transformers")
 
 CLASSIC = {  # the layout transformers 4.x writes (Sheared-LLaMA has no rope_theta at all)
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",

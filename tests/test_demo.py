@@ -14,6 +14,7 @@ from llm2vec_mini.convert.safetensors import load_file
 from llm2vec_mini.demo import DEMO_DATA, PAPER_MTEB15, STAGES, demo_data_dir
 
 
+@pytest.mark.slow
 def test_tiny_demo_writes_table_chart_and_adapters(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
@@ -35,6 +36,7 @@ def test_tiny_demo_writes_table_chart_and_adapters(tmp_path, capsys):
         assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in tensors.items())
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_what_finished(tmp_path, capsys, monkeypatch):
     import llm2vec_mini.recipes as recipes
 
@@ -96,6 +98,7 @@ def test_offline_without_data_one_line_says_how_to_get_data(no_data_around, monk
     assert not no_data_around.exists() or not any(p.is_file() for p in no_data_around.rglob("*"))
 
 
+@pytest.mark.slow
 def test_the_demo_and_the_cli_train_the_same_adapters(tmp_path):
     """The demo's stages and `train-mntp` / `train-simcse` on the same model, data, seed and settings
     give the same two adapters (the demo once seeded its SimCSE adapter with seed + 1)."""

@@ -11,10 +11,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import Reference
 
 from llm2vec_mini.encoder import LLM2Vec
 from llm2vec_mini.errors import CheckpointError, ConfigError
+
+transformers = Reference("transformers")
 
 TEXTS = ["A man is playing a guitar.", "Two dogs run on the beach, chasing a red ball!",
          "Hi", "The quick brown fox jumps over the lazy dog near the river bank at dawn.",

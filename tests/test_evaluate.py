@@ -5,9 +5,8 @@ import math
 
 import numpy as np
 import pytest
-import scipy.stats
 import torch
-from conftest import missing
+from conftest import Reference, missing
 
 from llm2vec_mini.data import STSSubset, load_sts
 from llm2vec_mini.errors import DataError
@@ -20,6 +19,8 @@ from llm2vec_mini.evaluate import (
     rankdata,
     spearman,
 )
+
+scipy = Reference("scipy")
 
 # ----------------------------------------------------------------------------------------- correlations
 

@@ -4,13 +4,18 @@ import json
 
 import pytest
 import torch
+from conftest import Reference
 
-transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file as st_save_file  # noqa: E402
+from llm2vec_mini.convert import hf
+from llm2vec_mini.convert.hf import find_weights, load_hf_model, read_config
+from llm2vec_mini.errors import CheckpointError, ConfigError
 
-from llm2vec_mini.convert import hf  # noqa: E402
-from llm2vec_mini.convert.hf import find_weights, load_hf_model, read_config  # noqa: E402
-from llm2vec_mini.errors import CheckpointError, ConfigError  # noqa: E402
+transformers = Reference("transformers")
+safetensors_torch = Reference("safetensors.torch")
+
+
+def st_save_file(*args, **kwargs):  # the reference writer
+    return safetensors_torch.save_file(*args, **kwargs)
 
 ATOL = RTOL = 1e-5
 

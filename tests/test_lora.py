@@ -2,10 +2,9 @@
 
 import json
 
-import peft
 import pytest
 import torch
-import transformers
+from conftest import Reference
 
 from llm2vec_mini import ConfigError, LlamaConfig, LlamaForCausalLM
 from llm2vec_mini.convert.peft import load_adapter, save_adapter
@@ -18,6 +17,9 @@ from llm2vec_mini.lora import (
     merge_lora,
     unmerge_lora,
 )
+
+peft = Reference("peft")
+transformers = Reference("transformers")
 
 
 def tiny_pair(seed=0):

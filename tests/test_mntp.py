@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-import transformers
+from conftest import Reference
 
 from llm2vec_mini import ConfigError, LlamaConfig, LlamaForCausalLM
 from llm2vec_mini.mntp import IGNORE, MNTPCollator, group_texts, mntp_loss, mntp_loss_full
+
+transformers = Reference("transformers")
 
 
 def test_group_texts_concatenates_and_drops_the_tail():

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-import transformers
-from transformers.models.llama import modeling_llama as hf_llama
+from conftest import Reference
 
 from llm2vec_mini import LlamaConfig, LlamaForCausalLM, LlamaModel
 from llm2vec_mini.model import (
@@ -17,6 +16,8 @@ from llm2vec_mini.model import (
     rope_inv_freq,
 )
 
+transformers = Reference("transformers")
+hf_llama = Reference("transformers.models.llama.modeling_llama")
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}
 

@@ -162,6 +162,7 @@ def test_dropout_attention_matches_autograd_with_the_same_mask(n_kv, masked, dty
                 tol)
 
 
+@pytest.mark.slow
 def test_causal_dropout_attention_hides_the_future_and_gradchecks():
     from llm2vec_mini.ops import attention
 

@@ -145,6 +145,7 @@ def test_alignment_on_ud_ewt_with_the_llama2_vocabulary(data_dir):
 
 # ----------------------------------------------------------------------------------------- features
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_features_equal_an_unbatched_forward_at_the_right_positions(causal):
     words = make_words(12, seed=1)
@@ -255,6 +256,7 @@ def synthetic(tmp_path_factory):
     return ChunkTokenizer(words), files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_probe_learns_a_tag_that_is_a_function_of_the_word(synthetic, causal):
     tok, files = synthetic
@@ -265,6 +267,7 @@ def test_probe_learns_a_tag_that_is_a_function_of_the_word(synthetic, causal):
     assert result["accuracy"] > 0.97, result
 
 
+@pytest.mark.slow
 def test_probe_is_at_chance_when_the_tag_ignores_the_word(synthetic):
     tok, files = synthetic
     result = run_probe(tiny_model(True), tok, *files["shuffled"], mode="first")
@@ -275,6 +278,7 @@ def test_probe_is_at_chance_when_the_tag_ignores_the_word(synthetic):
     assert result["accuracy"] < result["majority_baseline"] + 0.1, result
 
 
+@pytest.mark.slow
 def test_probe_main_result_is_printable(synthetic):
     tok, files = synthetic
     result = probe_main(tiny_model(False), tok, *files["word"], mode="first", max_sentences=20)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llm2vec_mini.cli import build_parser
+from llm2vec_mini.kit.__main__ import build_parser as build_kit_parser
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -37,11 +38,17 @@ def test_python_blocks_run(i, request):
 @pytest.mark.parametrize("line", SHELL)
 def test_shell_lines_name_real_commands(line):
     words = shlex.split(line.split("#")[0])
+    while re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value before the command
+        words = words[1:]
     if words[0] == "make":
         targets = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.M)
         assert words[1] in targets, f"make {words[1]}: no such target"
     elif words[:3] == ["python", "-m", "llm2vec_mini"]:
         build_parser().parse_args(words[3:])  # exits (fails the test) on unknown commands or options
+    elif words[:3] == ["python", "-m", "llm2vec_mini.kit"]:
+        build_kit_parser().parse_args(words[3:])  # the teaching kit's commands, the same way
+    elif words[:3] == ["python", "-m", "pytest"]:
+        assert words[3:5] == ["--pyargs", "llm2vec_mini.kit.test_exercises"], line  # the kit's checks
     elif words[0] == "torchrun":  # torchrun's own options, then -m llm2vec_mini and ours
         at = words.index("-m")
         assert words[at + 1] == "llm2vec_mini" and all(w.startswith("--") for w in words[1:at])

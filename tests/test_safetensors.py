@@ -5,12 +5,13 @@ import struct
 
 import pytest
 import torch
+from conftest import Reference
 
-safetensors_torch = pytest.importorskip("safetensors.torch")
-from safetensors import safe_open  # noqa: E402
+from llm2vec_mini.convert.safetensors import SafetensorsFile, load_file, save_file
+from llm2vec_mini.errors import CheckpointError
 
-from llm2vec_mini.convert.safetensors import SafetensorsFile, load_file, save_file  # noqa: E402
-from llm2vec_mini.errors import CheckpointError  # noqa: E402
+safetensors_torch = Reference("safetensors.torch")
+safetensors = Reference("safetensors")
 
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -73,7 +74,7 @@ def test_reference_reads_our_files_bit_exact(tmp_path):
     path = tmp_path / "ours.safetensors"
     save_file(tensors, path, metadata={"format": "pt"})
     assert_bit_exact(safetensors_torch.load_file(str(path)), tensors)
-    with safe_open(str(path), framework="pt") as f:
+    with safetensors.safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])

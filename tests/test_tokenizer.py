@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from conftest import ggml_vocab_cases, shared_data_dir
+from conftest import Reference, ggml_vocab_cases, shared_data_dir
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as RawTokenizer
 
@@ -21,8 +21,11 @@ from llm2vec_mini.convert.hf_tokenizer import load_hf_tokenizer, save_hf_tokeniz
 from llm2vec_mini.errors import CheckpointError, ConfigError, DataError
 from llm2vec_mini.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
-from transformers.tokenization_utils_base import generate_merges  # noqa: E402
+transformers = Reference("transformers")
+
+
+def generate_merges(*args):  # transformers' merges from SentencePiece scores
+    return Reference("transformers.tokenization_utils_base").generate_merges(*args)
 
 LLAMA_SPM, GPT2 = "ggml-vocab-llama-spm.gguf", "ggml-vocab-gpt-2.gguf"
 SPECIAL_TEXTS = ["Hello world", "a</s>b", "x <s> y", "<|endoftext|>end", " lead", "trail ", "", "\n\n"]

@@ -56,6 +56,7 @@ def metrics(path):
     return [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [mntp_task, simcse_task])
 def test_resume_is_bit_identical(tmp_path, make):
     cfg = dict(steps=6, batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=2, checkpoint_every=3,
@@ -105,6 +106,7 @@ def test_infinite_gradients_stop_before_the_weights_change(tmp_path):
     assert not (tmp_path / "again" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_fresh_run_drops_old_checkpoints(tmp_path):
     cfg = dict(steps=4, batch_size=2, checkpoint_every=1, progress=False)
     train(mntp_task(), TrainConfig(**cfg), tmp_path, stop_after=3)
@@ -115,6 +117,7 @@ def test_a_fresh_run_drops_old_checkpoints(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
     cfg = dict(steps=3, batch_size=4, lr=5e-3, progress=False)
     train(mntp_task(), TrainConfig(**cfg), tmp_path / "plain")
@@ -188,6 +191,7 @@ def test_config_errors_name_the_field(tmp_path):
                        MNTPCollator(5, 256)), TrainConfig(steps=1, batch_size=1, progress=False), tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["mntp", "simcse"])
 def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, task):
     """The same adapter, and the same logged losses: the global batch's loss, not rank 0's share."""
@@ -228,6 +232,7 @@ def test_simcse_reads_a_sentence_as_encode_does(tiny_llama_dir, pooling):
 # -------------------------------------------------------------------------------------------------
 # An earlier run in the output folder is never deleted unasked
 
+@pytest.mark.slow
 def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path):
     cfg = TrainConfig(steps=3, batch_size=2, checkpoint_every=1, progress=False)
     train(mntp_task(), cfg, tmp_path / "stopped", stop_after=2)  # checkpoints 1 and 2, no adapter

@@ -25,7 +25,8 @@ References:
 1) Hu et al., "LoRA", 2021, https://arxiv.org/abs/2106.09685
 2) Kalajdzievski, "rsLoRA", 2023, https://arxiv.org/abs/2312.03732
 3) PEFT's LoraConfig: https://huggingface.co/docs/peft/package_reference/lora
-4) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961 (Sec. 2.2, Appendix D)
+4) BehnamGhader et al., "LLM2Vec", 2024, https://arxiv.org/abs/2404.05961, Sec. 2.2 (the MNTP adapter merged
+   before SimCSE) and Appendix D.1.1-D.1.2 (r and alpha)
 """
 
 from __future__ import annotations

@@ -1,43 +1,48 @@
-"""Writes tutorial 03 as a clean notebook (no outputs): `.venv/bin/python tutorials/_build_loading.py`.
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-Same conventions as `_build.py` (whose `md`, `code` and `write` helpers it uses): the cells live here
-as plain strings, the test suite executes the notebook, nothing is executed here.
-"""
+# %% [markdown]
+# # 03 · Loading real weights: safetensors, GGUF, and SmolLM2
+#
+# LLM2Vec ([BehnamGhader et al., 2024](https://arxiv.org/abs/2404.05961)) starts from a *pretrained*
+# decoder, so before any training we must read someone else's weights into our `LlamaForCausalLM`.
+# They come in two containers:
+#
+# * **safetensors**, Hugging Face's format: a JSON header and raw tensors, nothing else;
+# * **GGUF**, llama.cpp's format: metadata, tensor descriptions and *quantised* tensors, where 32
+#   weights share one scale and each weight takes 4 or 8 bits.
+#
+# `llm2vec_mini.convert` reads both without the `safetensors` or `gguf` packages. This notebook opens
+# each container by hand, byte by byte, with `struct`, `json` and `numpy`, and checks that the package
+# reads the same numbers. Then it explains the one trap of GGUF Llamas (llama.cpp reorders the rows of
+# $W_q$ and $W_k$) and ends by loading SmolLM2-135M-Instruct
+# ([Allal et al., 2025](https://arxiv.org/abs/2502.02737)) and letting it finish a sentence.
+#
+# The SmolLM2 cells need the model in the local cache (`python -m llm2vec_mini download smollm2`;
+# `make test` does it). Without it they print that they were skipped, and Section 2 works on a block
+# we quantise ourselves; with `LLM2VEC_MINI_REQUIRE_DATA=1` a missing model is an error instead.
 
-from __future__ import annotations
+# %% [markdown]
+# **Assumes:** [tutorial 01](01_llama_from_scratch.ipynb) (parameter names, RoPE). An optional deep dive into file formats: the main path (01, 02, 04, 05, 06, 07, 08) does not need it.
+#
+# **Time:** about 40 minutes to read; about 15 seconds to run, plus about a minute for the SmolLM2 cells (the model in the cache: `python -m llm2vec_mini download smollm2`).
+#
+# **The learning path:** 01 the decoder → 02 bidirectional attention → 04 pooling and encoding →
+# 05 LoRA → 06 MNTP → 07 SimCSE → 08 end to end; 03 (file formats) is an optional deep dive.
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import code, md, write  # noqa: E402  (after the path is set)
-
-# =================================================================================================
-# 03: loading real weights
-
-LOADING = [
-md(r"""
-# 03 · Loading real weights: safetensors, GGUF, and SmolLM2
-
-LLM2Vec ([BehnamGhader et al., 2024](https://arxiv.org/abs/2404.05961)) starts from a *pretrained*
-decoder, so before any training we must read someone else's weights into our `LlamaForCausalLM`.
-They come in two containers:
-
-* **safetensors**, Hugging Face's format: a JSON header and raw tensors, nothing else;
-* **GGUF**, llama.cpp's format: metadata, tensor descriptions and *quantised* tensors, where 32
-  weights share one scale and each weight takes 4 or 8 bits.
-
-`llm2vec_mini.convert` reads both without the `safetensors` or `gguf` packages. This notebook opens
-each container by hand, byte by byte, with `struct`, `json` and `numpy`, and checks that the package
-reads the same numbers. Then it explains the one trap of GGUF Llamas (llama.cpp reorders the rows of
-$W_q$ and $W_k$) and ends by loading SmolLM2-135M-Instruct
-([Allal et al., 2025](https://arxiv.org/abs/2502.02737)) and letting it finish a sentence.
-
-The SmolLM2 cells need the model in the local cache (`python -m llm2vec_mini download smollm2`;
-`make test` does it). Without it they print that they were skipped, and Section 2 works on a block
-we quantise ourselves; with `LLM2VEC_MINI_REQUIRE_DATA=1` a missing model is an error instead.
-"""),
-code(r"""
+# %%
 import json
 import os
 import shutil
@@ -65,29 +70,29 @@ except FileNotFoundError as err:
         raise
     GGUF_PATH = None
     print("SmolLM2 is not cached: its cells will be skipped.", err)
-"""),
-md(r"""
-## 1. A safetensors file, read by hand
 
-A safetensors file ([format](https://github.com/huggingface/safetensors#format)) is three parts back
-to back:
+# %% [markdown]
+# ## 1. A safetensors file, read by hand
+#
+# A safetensors file ([format](https://github.com/huggingface/safetensors#format)) is three parts back
+# to back:
+#
+# ```
+#  0        8                      8 + N                                          end of file
+#  +--------+----------------------+----------------------------------------------+
+#  |   N    |  JSON header, N bytes|  data: every tensor's bytes, row-major, LE   |
+#  | u64 LE |  (space-padded)      |  tensor k = data[begin_k : end_k]            |
+#  +--------+----------------------+----------------------------------------------+
+# ```
+#
+# The header maps each tensor name to `{"dtype": "F32", "shape": [3, 4], "data_offsets": [begin, end]}`,
+# with offsets relative to the start of the data; an optional `"__metadata__"` entry holds strings.
+# There is no code in the file, only JSON and numbers, so loading one can never run anything.
+#
+# We write a small file with the package's `save_file`, then read it back with nothing but `struct`,
+# `json` and `numpy`: the length, the header, and one tensor's bytes found through its `data_offsets`.
 
-```
- 0        8                      8 + N                                          end of file
- +--------+----------------------+----------------------------------------------+
- |   N    |  JSON header, N bytes|  data: every tensor's bytes, row-major, LE   |
- | u64 LE |  (space-padded)      |  tensor k = data[begin_k : end_k]            |
- +--------+----------------------+----------------------------------------------+
-```
-
-The header maps each tensor name to `{"dtype": "F32", "shape": [3, 4], "data_offsets": [begin, end]}`,
-with offsets relative to the start of the data; an optional `"__metadata__"` entry holds strings.
-There is no code in the file, only JSON and numbers, so loading one can never run anything.
-
-We write a small file with the package's `save_file`, then read it back with nothing but `struct`,
-`json` and `numpy`: the length, the header, and one tensor's bytes found through its `data_offsets`.
-"""),
-code(r"""
+# %%
 tmp = Path(tempfile.mkdtemp(prefix="llm2vec_mini_03_"))
 path = tmp / "small.safetensors"
 tensors = {
@@ -119,18 +124,19 @@ with SafetensorsFile(path) as f:
 assert (8 + n) % 8 == 0 and raw[8:8 + n].rstrip(b" ").endswith(b"}")  # padded with spaces to 8 bytes
 assert end - begin == 4 * 6 * 4  # shape (4, 6), 4 bytes per float32
 print(f"{name}: bytes {begin}..{end} of the data section decode to the saved tensor")
-"""),
-md(r"""
-Every dtype is a fixed-width little-endian number, so decoding is one `np.frombuffer` with the right
-type: `F16` is `<f2`, `I64` is `<i8`. NumPy has no `bfloat16`, but it needs none: a bfloat16 is the
-upper 16 bits of a float32 (same sign and 8-bit exponent, a 7-bit mantissa), so shifting it left by 16
-bits gives the float32 with the same value,
 
-$$
-\text{bf16 bits } b \;\mapsto\; \text{float32 bits } b \cdot 2^{16} .
-$$
-"""),
-code(r"""
+
+# %% [markdown]
+# Every dtype is a fixed-width little-endian number, so decoding is one `np.frombuffer` with the right
+# type: `F16` is `<f2`, `I64` is `<i8`. NumPy has no `bfloat16`, but it needs none: a bfloat16 is the
+# upper 16 bits of a float32 (same sign and 8-bit exponent, a 7-bit mantissa), so shifting it left by 16
+# bits gives the float32 with the same value,
+#
+# $$
+# \text{bf16 bits } b \;\mapsto\; \text{float32 bits } b \cdot 2^{16} .
+# $$
+
+# %%
 def decode(entry, data):
     begin, end = entry["data_offsets"]
     chunk = data[begin:end]
@@ -151,31 +157,31 @@ with SafetensorsFile(path) as f:
         assert np.array_equal(mine, ours.float().numpy() if ours.dtype == torch.bfloat16 else ours.numpy())
         assert torch.equal(ours, tensors[name])  # bit for bit what was saved
 shutil.rmtree(tmp)
-"""),
-md(r"""
-Notice the data layout `save_file` chose: tensors sorted by element size, largest first, so every
-tensor starts at a multiple of its own element size and the reader can *view* the bytes as floats
-without copying. `SafetensorsFile` maps the file into memory and hands out such views: opening a
-multi-gigabyte checkpoint costs nothing until a tensor is touched.
 
-## 2. A GGUF file and a quantised block, read by hand
+# %% [markdown]
+# Notice the data layout `save_file` chose: tensors sorted by element size, largest first, so every
+# tensor starts at a multiple of its own element size and the reader can *view* the bytes as floats
+# without copying. `SafetensorsFile` maps the file into memory and hands out such views: opening a
+# multi-gigabyte checkpoint costs nothing until a tensor is touched.
+#
+# ## 2. A GGUF file and a quantised block, read by hand
+#
+# GGUF ([specification](https://github.com/ggml-org/ggml/blob/master/docs/gguf.md)) is llama.cpp's
+# single-file format. Everything is little-endian; a string is a `u64` length and UTF-8 bytes:
+#
+# ```
+#  "GGUF" | version u32 | n_tensors u64 | n_kv u64                     <- 24 bytes
+#  n_kv      x  key: string | value type: u32 | value                  <- metadata: config, vocabulary
+#  n_tensors x  name: string | n_dims: u32 | ne: n_dims x u64 | ggml type: u32 | offset: u64
+#  padding up to a multiple of general.alignment (32 by default)
+#  tensor data; each tensor at data start + offset (a multiple of the alignment)
+# ```
+#
+# `ne` lists the dimensions fastest-varying first, so a PyTorch `(out, in)` weight appears as
+# `ne = (in, out)`. Metadata values are typed: 4 is `u32`, 6 `f32`, 8 a string, 9 an array, and so on.
+# We read the fixed part and the first key/value pair ourselves and compare with `read_gguf`.
 
-GGUF ([specification](https://github.com/ggml-org/ggml/blob/master/docs/gguf.md)) is llama.cpp's
-single-file format. Everything is little-endian; a string is a `u64` length and UTF-8 bytes:
-
-```
- "GGUF" | version u32 | n_tensors u64 | n_kv u64                     <- 24 bytes
- n_kv      x  key: string | value type: u32 | value                  <- metadata: config, vocabulary
- n_tensors x  name: string | n_dims: u32 | ne: n_dims x u64 | ggml type: u32 | offset: u64
- padding up to a multiple of general.alignment (32 by default)
- tensor data; each tensor at data start + offset (a multiple of the alignment)
-```
-
-`ne` lists the dimensions fastest-varying first, so a PyTorch `(out, in)` weight appears as
-`ne = (in, out)`. Metadata values are typed: 4 is `u32`, 6 `f32`, 8 a string, 9 an array, and so on.
-We read the fixed part and the first key/value pair ourselves and compare with `read_gguf`.
-"""),
-code(r"""
+# %%
 if GGUF_PATH is None:
     print("skipped: SmolLM2 is not cached")
 else:
@@ -210,33 +216,33 @@ else:
         assert (info.offset - first) % gguf.alignment == 0
         _, per_block, block_bytes = GGML_TYPES[info.ggml_type]
         assert info.nbytes == np.prod(info.shape) // per_block * block_bytes
-"""),
-md(r"""
-### Q4_1 and Q8_0
 
-Most of SmolLM2's matrices are stored as **Q4_1**. A row is cut into blocks of 32 weights; each block
-is 20 bytes, 5 bits per weight instead of 32:
+# %% [markdown]
+# ### Q4_1 and Q8_0
+#
+# Most of SmolLM2's matrices are stored as **Q4_1**. A row is cut into blocks of 32 weights; each block
+# is 20 bytes, 5 bits per weight instead of 32:
+#
+# ```
+#  byte  0   2   4                                   20
+#        | d | m | qs[0] qs[1] ... qs[15]             |     d, m: float16
+#                  low nibble of qs[j]  = q_j          (weights 0..15)
+#                  high nibble of qs[j] = q_{j+16}     (weights 16..31)
+# ```
+#
+# $$
+# w_j = d \cdot q_j + m, \qquad q_j \in \{0, 1, \dots, 15\},
+# $$
+#
+# so the block's weights sit on a grid of 16 evenly spaced levels from $m$ to $m + 15d$ (ggml's
+# `dequantize_row_q4_1`). The embedding matrix is **Q8_0**: 34-byte blocks of one float16 scale $d$
+# and 32 signed bytes, $w_j = d \cdot q_j$ with $q_j \in \{-128, \dots, 127\}$.
+#
+# We take the first block of layer 0's $W_q$ straight from the file (`gguf.raw(name)` is the tensor's
+# bytes, not yet decoded) and decode it in four lines. Without SmolLM2 we quantise 32 random weights
+# ourselves into the same 20 bytes.
 
-```
- byte  0   2   4                                   20
-       | d | m | qs[0] qs[1] ... qs[15]             |     d, m: float16
-                 low nibble of qs[j]  = q_j          (weights 0..15)
-                 high nibble of qs[j] = q_{j+16}     (weights 16..31)
-```
-
-$$
-w_j = d \cdot q_j + m, \qquad q_j \in \{0, 1, \dots, 15\},
-$$
-
-so the block's weights sit on a grid of 16 evenly spaced levels from $m$ to $m + 15d$ (ggml's
-`dequantize_row_q4_1`). The embedding matrix is **Q8_0**: 34-byte blocks of one float16 scale $d$
-and 32 signed bytes, $w_j = d \cdot q_j$ with $q_j \in \{-128, \dots, 127\}$.
-
-We take the first block of layer 0's $W_q$ straight from the file (`gguf.raw(name)` is the tensor's
-bytes, not yet decoded) and decode it in four lines. Without SmolLM2 we quantise 32 random weights
-ourselves into the same 20 bytes.
-"""),
-code(r"""
+# %%
 if GGUF_PATH is not None:
     q_name = "blk.0.attn_q.weight"
     assert gguf.tensors[q_name].type_name == "Q4_1"
@@ -271,8 +277,8 @@ ax.set_ylabel("w = d q + m")
 ax.set_title(f"Q4_1: 32 weights on 16 levels ({source})")
 fig.tight_layout()
 plt.show()
-"""),
-code(r"""
+
+# %%
 if GGUF_PATH is not None:
     assert gguf.tensors["token_embd.weight"].type_name == "Q8_0"
     block8 = np.asarray(gguf.raw("token_embd.weight")[:34])  # (34,): the first block of token 0
@@ -287,33 +293,33 @@ q8 = block8[2:34].view(np.int8)  # (32,) signed bytes
 w8_by_hand = d8 * q8.astype(np.float32)
 assert np.array_equal(w8_by_hand, dequantize(block8, 8, (32,)))  # ggml type 8 = Q8_0
 print(f"Q8_0 block: d = {d8:.6f}, q[:8] = {q8[:8].tolist()}, w[:4] = {w8_by_hand[:4]}")
-"""),
-md(r"""
-## 3. Why $W_q$ and $W_k$ come out permuted
 
-RoPE rotates pairs of coordinates of every query and key head by the angle $p\,\theta_i$ at position
-$p$ (tutorial 01, Section 2). *Which* coordinates form pair $i$ is a convention:
+# %% [markdown]
+# ## 3. Why $W_q$ and $W_k$ come out permuted
+#
+# RoPE rotates pairs of coordinates of every query and key head by the angle $p\,\theta_i$ at position
+# $p$ (tutorial 01, Section 2). *Which* coordinates form pair $i$ is a convention:
+#
+# * Hugging Face ("rotate half"): $(x_i,\; x_{i+d/2})$;
+# * Meta's original code and llama.cpp (interleaved): $(x_{2i},\; x_{2i+1})$.
+#
+# Hugging Face checkpoints were converted from Meta's by reordering the rows of $W_q$ and $W_k$ within
+# each head, and llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) undoes that:
+# row $i$ and row $i + d/2$ of a head become rows $2i$ and $2i+1$. Since $q = W_q x$, permuting the rows
+# of $W_q$ permutes the coordinates of $q$ the same way, so with
+#
+# $$
+# P:\ (0, 1, \dots, d-1) \mapsto (0,\ \tfrac d2,\ 1,\ \tfrac d2 + 1,\ \dots,\ \tfrac d2 - 1,\ d-1),
+# \qquad
+# \mathrm{RoPE}_{\text{interleaved}}(P q) = P\, \mathrm{RoPE}_{\text{half}}(q),
+# $$
+#
+# and the attention scores $\langle P q', P k' \rangle = \langle q', k' \rangle$ are the same. Both
+# conventions compute the same model; the file and the code must just agree. Our model uses rotate-half,
+# so the loader applies `unpermute_qk` to every GGUF $W_q$ and $W_k$. The picture shows the row order for
+# 2 heads of width 8, the colour marking the rotation frequency $\theta_i$ each row belongs to.
 
-* Hugging Face ("rotate half"): $(x_i,\; x_{i+d/2})$;
-* Meta's original code and llama.cpp (interleaved): $(x_{2i},\; x_{2i+1})$.
-
-Hugging Face checkpoints were converted from Meta's by reordering the rows of $W_q$ and $W_k$ within
-each head, and llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) undoes that:
-row $i$ and row $i + d/2$ of a head become rows $2i$ and $2i+1$. Since $q = W_q x$, permuting the rows
-of $W_q$ permutes the coordinates of $q$ the same way, so with
-
-$$
-P:\ (0, 1, \dots, d-1) \mapsto (0,\ \tfrac d2,\ 1,\ \tfrac d2 + 1,\ \dots,\ \tfrac d2 - 1,\ d-1),
-\qquad
-\mathrm{RoPE}_{\text{interleaved}}(P q) = P\, \mathrm{RoPE}_{\text{half}}(q),
-$$
-
-and the attention scores $\langle P q', P k' \rangle = \langle q', k' \rangle$ are the same. Both
-conventions compute the same model; the file and the code must just agree. Our model uses rotate-half,
-so the loader applies `unpermute_qk` to every GGUF $W_q$ and $W_k$. The picture shows the row order for
-2 heads of width 8, the colour marking the rotation frequency $\theta_i$ each row belongs to.
-"""),
-code(r"""
+# %%
 n_head, head_dim = 2, 8
 rows = torch.arange(n_head * head_dim)  # row r of an HF weight, for 2 heads of width 8
 W = rows[:, None].float() * torch.ones(1, 3)  # (16, 3): every row holds its own number
@@ -346,13 +352,13 @@ for ax, (title, layout) in zip(axes, [("Hugging Face (rotate half)", rows), ("GG
 fig.suptitle("Rows of W_q for 2 heads of width 8 (colour: rotation frequency i)")
 fig.tight_layout()
 plt.show()
-"""),
-md(r"""
-Now the numeric check of the equation above. The interleaved rotation is written the way Meta's code
-writes it: view each head vector as $d/2$ complex numbers $x_{2i} + \mathrm{i}\,x_{2i+1}$ and multiply by
-$e^{\mathrm{i} p \theta_i}$. The rotate-half rotation is the package's `apply_rope`.
-"""),
-code(r"""
+
+# %% [markdown]
+# Now the numeric check of the equation above. The interleaved rotation is written the way Meta's code
+# writes it: view each head vector as $d/2$ complex numbers $x_{2i} + \mathrm{i}\,x_{2i+1}$ and multiply by
+# $e^{\mathrm{i} p \theta_i}$. The rotate-half rotation is the package's `apply_rope`.
+
+# %%
 T, d, base = 5, 8, 10000.0
 theta = base ** (-torch.arange(0, d, 2).double() / d)  # (d/2,): theta_i = base^(-2i/d)
 positions = torch.arange(T)
@@ -384,21 +390,21 @@ scores_mixed = rope_interleaved(q[0]) @ rope_interleaved(k[0]).transpose(-1, -2)
 assert not torch.allclose(scores_mixed, scores_half, atol=1e-2)
 print("max |scores| difference, matched conventions:", (scores_interleaved - scores_half).abs().max().item())
 print("max |scores| difference, mixed conventions:  ", (scores_mixed - scores_half).abs().max().item())
-"""),
-md(r"""
-## 4. SmolLM2-135M-Instruct, loaded and talking
 
-`llm2vec_mini.load_pretrained` takes a Hugging Face model directory or a `.gguf` file and returns our
-`LlamaForCausalLM` and its tokenizer. For a GGUF file it reads the `llama.*` metadata into a
-`LlamaConfig`, builds the tokenizer from the `tokenizer.ggml.*` metadata, and for every tensor
-dequantises it, applies `unpermute_qk` to $W_q$ and $W_k$, checks its shape, and renames it through a
-small table (`blk.{i}.attn_q.weight` becomes `model.layers.{i}.self_attn.q_proj.weight`). The weights
-are then plain float32: the 4-bit rounding stays, but nothing else of GGUF does.
+# %% [markdown]
+# ## 4. SmolLM2-135M-Instruct, loaded and talking
+#
+# `llm2vec_mini.load_pretrained` takes a Hugging Face model directory or a `.gguf` file and returns our
+# `LlamaForCausalLM` and its tokenizer. For a GGUF file it reads the `llama.*` metadata into a
+# `LlamaConfig`, builds the tokenizer from the `tokenizer.ggml.*` metadata, and for every tensor
+# dequantises it, applies `unpermute_qk` to $W_q$ and $W_k$, checks its shape, and renames it through a
+# small table (`blk.{i}.attn_q.weight` becomes `model.layers.{i}.self_attn.q_proj.weight`). The weights
+# are then plain float32: the 4-bit rounding stays, but nothing else of GGUF does.
+#
+# This is the slowest part of the notebook: loading takes a few seconds,
+# and `generate` runs the whole model once per new token, without a key/value cache.
 
-This is the slowest part of the notebook: loading takes a few seconds,
-and `generate` runs the whole model once per new token, without a key/value cache.
-"""),
-code(r"""
+# %%
 if GGUF_PATH is None:
     model = None
     print("skipped: SmolLM2 is not cached")
@@ -423,13 +429,13 @@ else:
     # The loader's W_q is the file's, dequantised and unpermuted (the block of Section 2 included).
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight,
                        torch.from_numpy(unpermute_qk(gguf.tensor("blk.0.attn_q.weight"), 9)))
-"""),
-md(r"""
-A model that loaded wrong still produces numbers, so the real test is whether it knows things.
-Greedy decoding picks the most likely next token, appends it, and repeats:
-$x_{t+1} = \arg\max_v\, p(v \mid x_{\le t})$.
-"""),
-code(r"""
+
+# %% [markdown]
+# A model that loaded wrong still produces numbers, so the real test is whether it knows things.
+# Greedy decoding picks the most likely next token, appends it, and repeats:
+# $x_{t+1} = \arg\max_v\, p(v \mid x_{\le t})$.
+
+# %%
 if model is None:
     print("skipped: SmolLM2 is not cached")
 else:
@@ -440,16 +446,16 @@ else:
     print(repr(prompt), "->", repr(continuation))
     assert continuation.startswith(" Paris")
     assert tok.decode(out[0]) == prompt + continuation
-"""),
-md(r"""
-Finally, what Section 3 protects us from. We put the rows of every $W_q$ and $W_k$ back into llama.cpp's
-interleaved order, as a loader that forgot `unpermute_qk` would leave them. The bug is sly: $q$ and $k$
-are permuted alike, so $\langle q, k \rangle$ without RoPE is unchanged and the model still recognises
-*what* the words are; only the rotations now pair the wrong coordinates, so it loses track of *where*
-they are. A five-token prompt may well still end in Paris. A paragraph shows the damage: we compare the
-next-token loss $-\log p(x_{t+1} \mid x_{\le t})$ at every position, with the rows right and wrong.
-"""),
-code(r"""
+
+# %% [markdown]
+# Finally, what Section 3 protects us from. We put the rows of every $W_q$ and $W_k$ back into llama.cpp's
+# interleaved order, as a loader that forgot `unpermute_qk` would leave them. The bug is sly: $q$ and $k$
+# are permuted alike, so $\langle q, k \rangle$ without RoPE is unchanged and the model still recognises
+# *what* the words are; only the rotations now pair the wrong coordinates, so it loses track of *where*
+# they are. A five-token prompt may well still end in Paris. A paragraph shows the damage: we compare the
+# next-token loss $-\log p(x_{t+1} \mid x_{\le t})$ at every position, with the rows right and wrong.
+
+# %%
 if model is None:
     print("skipped: SmolLM2 is not cached")
 else:
@@ -492,21 +498,27 @@ else:
     ax.legend()
     fig.tight_layout()
     plt.show()
-"""),
-md(r"""
-## What we have
 
-Both containers are simple once drawn: safetensors is a length, a JSON header and raw bytes; GGUF is a
-typed header and blocks of small integers with a float16 scale (and a minimum, for Q4_1). The package
-reads both bit for bit as the cells above do by hand, undoes llama.cpp's Q/K row order, and turns
-SmolLM2's 4-bit file into a float32 `LlamaForCausalLM` that knows the capital of France, and that
-follows a paragraph far better than the same weights with their rows in the wrong order.
+# %% [markdown]
+# ## What we have
+#
+# Both containers are simple once drawn: safetensors is a length, a JSON header and raw bytes; GGUF is a
+# typed header and blocks of small integers with a float16 scale (and a minimum, for Q4_1). The package
+# reads both bit for bit as the cells above do by hand, undoes llama.cpp's Q/K row order, and turns
+# SmolLM2's 4-bit file into a float32 `LlamaForCausalLM` that knows the capital of France, and that
+# follows a paragraph far better than the same weights with their rows in the wrong order.
+#
+# That decoder is the starting point of LLM2Vec; [tutorial 02](02_bidirectional_attention.ipynb)
+# showed the switch that makes its attention bidirectional.
 
-That decoder is the starting point of LLM2Vec; [tutorial 02](02_bidirectional_attention.ipynb)
-showed the switch that makes its attention bidirectional.
-"""),
-]
-
-
-if __name__ == "__main__":
-    print("wrote", write("03_loading_real_weights", LOADING).relative_to(Path(__file__).resolve().parents[1]))
+# %% [markdown]
+# ## Try it yourself
+#
+# * Write a safetensors file with two tensors that share bytes (overlapping offsets) and see how
+#   `SafetensorsFile` refuses it.
+# * Quantise a block of 32 numbers to Q8_0 by hand (one fp16 scale, 32 int8) and dequantise it: what is the
+#   largest error, and how does it compare with Q4_1's?
+# * Load SmolLM2 with its Q/K rows left in llama.cpp's order (skip `unpermute_qk`) and compare the
+#   continuation of a prompt with the correct model's.
+#
+# **Next:** [04 · Pooling and encoding](04_pooling_and_encoding.ipynb), back on the main path.

@@ -1,61 +1,60 @@
-"""Writes tutorial 08 as a clean notebook (no outputs): `.venv/bin/python tutorials/_build_end_to_end.py`.
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-Same conventions as `_build.py` (whose `md`, `code` and `write` helpers it uses): the cells live here
-as plain strings, the test suite executes the notebook, nothing is executed here.
+# %% [markdown]
+# # 08 · LLM2Vec end to end: four stages, measured
+#
+# LLM2Vec ([BehnamGhader et al., 2024](https://arxiv.org/abs/2404.05961)) turns a decoder-only language
+# model into a text encoder in three steps (paper, Sec. 2.1): **1)** make attention bidirectional, **2)**
+# adapt the model to it with masked next-token prediction (MNTP), **3)** learn sentence vectors with
+# unsupervised SimCSE. Its ablation measures the encoder after each step, always with mean pooling:
+#
+# | stage | attention | training | tutorial |
+# |---|---|---|---|
+# | Uni + mean | causal | none: the decoder as it is | [01](01_llama_from_scratch.ipynb), [04](04_pooling_and_encoding.ipynb) |
+# | Bi + mean | bidirectional | none | [02](02_bidirectional_attention.ipynb) |
+# | Bi + MNTP | bidirectional | a LoRA adapter, MNTP | [05](05_lora.ipynb), [06](06_mntp.ipynb) |
+# | Bi + MNTP + SimCSE | bidirectional | MNTP merged, a second LoRA adapter, SimCSE | [07](07_simcse.ipynb) |
+#
+# This notebook runs the four stages one after the other with the package's pieces, the same ones
+# `python -m llm2vec_mini demo` (`llm2vec_mini/demo.py`) calls, scores each on STS (Spearman × 100 of
+# the cosine similarities), draws the ablation chart beside the paper's figures, and ends with a
+# nearest-neighbour search you can edit.
+#
+# **Two modes, one switch.**
+#
+# * By default (and in the test suite) everything runs on a **tiny random model** with a word-level
+#   tokenizer, trained for a few steps on a built-in corpus of 12 sentence pairs, in seconds. This is a
+#   **smoke run**: it checks that every stage runs and does what it says; its scores are noise and
+#   mean nothing.
+# * With **`LLM2VEC_MINI_REAL=1`** in the environment it runs SmolLM2-135M-Instruct
+#   ([Allal et al., 2025](https://arxiv.org/abs/2502.02737)) with the demo's recipe (`demo.Recipe()`):
+#   MNTP on WikiText-2, SimCSE on Wikipedia sentences, scores on the first 400 pairs of STS-B dev. It
+#   needs the model in the cache (`python -m llm2vec_mini download smollm2`) and finds the data as the
+#   demo does (`$LLM2VEC_MINI_DATA`, the download cache, `../../shared/data`; downloaded when there is
+#   none), and takes about 8 minutes on two CPU cores.
 
-    08 end to end: Uni + mean -> Bi + mean -> Bi + MNTP -> Bi + MNTP + SimCSE, scored, charted, searched
+# %% [markdown]
+# **Assumes:** the whole path: [01](01_llama_from_scratch.ipynb), [02](02_bidirectional_attention.ipynb), [04](04_pooling_and_encoding.ipynb), [05](05_lora.ipynb), [06](06_mntp.ipynb), [07](07_simcse.ipynb).
+#
+# **Time:** about 20 minutes to read; about 30 seconds to run as a smoke run, or about 8 minutes with `LLM2VEC_MINI_REAL=1` (SmolLM2, the demo's recipe).
+#
+# **The learning path:** 01 the decoder → 02 bidirectional attention → 04 pooling and encoding →
+# 05 LoRA → 06 MNTP → 07 SimCSE → 08 end to end; 03 (file formats) is an optional deep dive.
 
-The capstone walks through what `llm2vec_mini.demo.run_demo` does, one stage per cell. One variable,
-`LLM2VEC_MINI_REAL=1`, switches from a tiny random model on a built-in corpus (a smoke run of seconds,
-what the test suite executes) to SmolLM2-135M with the demo's recipe on real data (minutes).
-"""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _build import code, md, write  # noqa: E402  (after the path is set)
-
-# =================================================================================================
-# 08: the whole pipeline
-
-END_TO_END = [
-md(r"""
-# 08 · LLM2Vec end to end: four stages, measured
-
-LLM2Vec ([BehnamGhader et al., 2024](https://arxiv.org/abs/2404.05961)) turns a decoder-only language
-model into a text encoder in three steps (paper, Sec. 2): **1)** make attention bidirectional, **2)**
-adapt the model to it with masked next-token prediction (MNTP), **3)** learn sentence vectors with
-unsupervised SimCSE. Its ablation measures the encoder after each step, always with mean pooling:
-
-| stage | attention | training | tutorial |
-|---|---|---|---|
-| Uni + mean | causal | none: the decoder as it is | [01](01_llama_from_scratch.ipynb), [04](04_pooling_and_encoding.ipynb) |
-| Bi + mean | bidirectional | none | [02](02_bidirectional_attention.ipynb) |
-| Bi + MNTP | bidirectional | a LoRA adapter, MNTP | [05](05_lora.ipynb), [06](06_mntp.ipynb) |
-| Bi + MNTP + SimCSE | bidirectional | MNTP merged, a second LoRA adapter, SimCSE | [07](07_simcse.ipynb) |
-
-This notebook runs the four stages one after the other with the package's pieces, the same ones
-`python -m llm2vec_mini demo` (`llm2vec_mini/demo.py`) calls, scores each on STS (Spearman × 100 of
-the cosine similarities), draws the ablation chart beside the paper's figures, and ends with a
-nearest-neighbour search you can edit.
-
-**Two modes, one switch.**
-
-* By default (and in the test suite) everything runs on a **tiny random model** with a word-level
-  tokenizer, trained for a few steps on a built-in corpus of 12 sentence pairs, in seconds. This is a
-  **smoke run**: it checks that every stage runs and does what it says; its scores are noise and
-  mean nothing.
-* With **`LLM2VEC_MINI_REAL=1`** in the environment it runs SmolLM2-135M-Instruct
-  ([Allal et al., 2025](https://arxiv.org/abs/2502.02737)) with the demo's recipe (`demo.Recipe()`):
-  MNTP on WikiText-2, SimCSE on Wikipedia sentences, scores on the first 400 pairs of STS-B dev. It
-  needs the model in the cache (`python -m llm2vec_mini download smollm2`) and finds the data as the
-  demo does (`$LLM2VEC_MINI_DATA`, the download cache, `../../shared/data`; downloaded when there is
-  none), and takes 10 to 20 minutes on two CPU cores.
-"""),
-code(r"""
+# %%
 import copy
 import json
 import math
@@ -126,14 +125,15 @@ print("recipe:", asdict(RECIPE))
 if SMOKE:
     print("\n*** SMOKE RUN: a built-in corpus of 12 pairs" + ("" if REAL else " and a tiny random model")
           + ". The scores below are not a benchmark. ***")
-"""),
-md(r"""
-Two helpers used by every stage. `sts` is the whole evaluation: embed both sentences of each pair,
-take the cosine, and compare its ranking with the human scores by Spearman's $\rho$ (× 100, as the
-paper reports). `PROBE` is a handful of sentences whose embeddings we keep after each stage, to check
-that a stage changed (or did not change) what the encoder computes.
-"""),
-code(r"""
+
+
+# %% [markdown]
+# Two helpers used by every stage. `sts` is the whole evaluation: embed both sentences of each pair,
+# take the cosine, and compare its ranking with the human scores by Spearman's $\rho$ (× 100, as the
+# paper reports). `PROBE` is a handful of sentences whose embeddings we keep after each stage, to check
+# that a stage changed (or did not change) what the encoder computes.
+
+# %%
 def sts(encoder) -> float:
     # Spearman x 100 between cos(e(s1), e(s2)) and the gold scores of PAIRS
     scores = evaluate_sts(lambda batch: encoder.encode(batch, batch_size=32), [PAIRS])
@@ -158,24 +158,25 @@ def read_log(folder):  # train() writes one JSON record per optimizer step
 
 PROBE = list(PAIRS.sentences1[:8])
 EMB = {}  # stage -> (len(PROBE), hidden) embeddings of PROBE
-"""),
-md(r"""
-## Stage 1 · Uni + mean: the decoder as it is
+print(f"scores on {len(PAIRS)} pairs ({PAIRS.name}); {len(PROBE)} probe sentences, the first {PROBE[0]!r}")
 
-A decoder's attention is **causal**: token $i$ attends to tokens $j \le i$ only, so its hidden state is
-a function of the prefix, $h_i = f(x_1, \dots, x_i)$. Mean pooling averages the text's states,
+# %% [markdown]
+# ## Stage 1 · Uni + mean: the decoder as it is
+#
+# A decoder's attention is **causal**: token $i$ attends to tokens $j \le i$ only, so its hidden state is
+# a function of the prefix, $h_i = f(x_1, \dots, x_i)$. Mean pooling averages the text's states,
+#
+# $$
+# e = \frac{1}{n} \sum_{i=1}^{n} h_i ,
+# $$
+#
+# and so mixes a last state that has read the whole text with early states that have read a word or
+# two. That is the baseline of the paper's ablation ("Uni + mean").
+#
+# The check after it: under causal attention, changing the **last** token of a text leaves every
+# earlier hidden state exactly as it was.
 
-$$
-e = \frac{1}{n} \sum_{i=1}^{n} h_i ,
-$$
-
-and so mixes a last state that has read the whole text with early states that have read a word or
-two. That is the baseline of the paper's ablation ("Uni + mean").
-
-The check after it: under causal attention, changing the **last** token of a text leaves every
-earlier hidden state exactly as it was.
-"""),
-code(r"""
+# %%
 t0 = time.perf_counter()
 encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=False, device="cpu", dtype=DTYPE)
 EMB["Uni + mean"] = encoder.encode(PROBE)
@@ -192,24 +193,24 @@ assert_close(h[:, :-1], h_other[:, :-1], rtol=0, atol=1e-6)  # the prefix never 
 assert not torch.allclose(h[:, -1], h_other[:, -1])  # the last position does
 assert model.causal and math.isfinite(RESULTS["Uni + mean"]) and -100 <= RESULTS["Uni + mean"] <= 100
 assert EMB["Uni + mean"].shape == (len(PROBE), model.config.hidden_size)
-"""),
-md(r"""
-## Stage 2 · Bi + mean: bidirectional attention, same weights
 
-LLM2Vec's first step (paper, Sec. 2.1, *Enabling bidirectional attention*) replaces the causal mask
-with an all-ones mask: every token sees every real token of the text,
+# %% [markdown]
+# ## Stage 2 · Bi + mean: bidirectional attention, same weights
+#
+# LLM2Vec's first step (paper, Sec. 2.1, *Enabling bidirectional attention*) replaces the causal mask
+# with an all-ones mask: every token sees every real token of the text,
+#
+# $$
+# M^{\text{causal}}_{ij} = \begin{cases} 0 & j \le i \\ -\infty & j > i \end{cases}
+# \qquad\longrightarrow\qquad M^{\text{bi}}_{ij} = 0 \ \text{ for every real token } j .
+# $$
+#
+# No weight changes: in `llm2vec_mini` it is one boolean, `set_causal(False)`. But the model was never
+# trained to read the future, so this alone usually *hurts*: for Sheared-LLaMA-1.3B the paper's average
+# falls from 33.03 to 30.26. Whatever happens to the score here, the embeddings must change, and the
+# prefix states must now depend on the last token.
 
-$$
-M^{\text{causal}}_{ij} = \begin{cases} 0 & j \le i \\ -\infty & j > i \end{cases}
-\qquad\longrightarrow\qquad M^{\text{bi}}_{ij} = 0 \ \text{ for every real token } j .
-$$
-
-No weight changes: in `llm2vec_mini` it is one boolean, `set_causal(False)`. But the model was never
-trained to read the future, so this alone usually *hurts*: for Sheared-LLaMA-1.3B the paper's average
-falls from 33.03 to 30.26. Whatever happens to the score here, the embeddings must change, and the
-prefix states must now depend on the last token.
-"""),
-code(r"""
+# %%
 t0 = time.perf_counter()
 encoder = LLM2Vec(model, tokenizer, pooling="mean", bidirectional=True, device="cpu", dtype=DTYPE)
 EMB["Bi + mean"] = encoder.encode(PROBE)
@@ -225,31 +226,32 @@ assert encoder.model is model.model and not model.causal  # the same weights, on
 assert not torch.allclose(h[:, 0], h_other[:, 0])  # now even the first token reads the last one
 assert not np.allclose(EMB["Uni + mean"], EMB["Bi + mean"], atol=1e-4)  # the switch changes embeddings
 assert math.isfinite(RESULTS["Bi + mean"]) and -100 <= RESULTS["Bi + mean"] <= 100
-"""),
-md(r"""
-## Stage 3 · Bi + MNTP: teach the model to use both sides
 
-The second step (paper, Sec. 2, *Masked next token prediction*) trains the bidirectional model on a
-masked-language-modelling task shaped like a decoder's: mask a random 20 % of the tokens (80 % of those
-become the mask token `_`, 10 % a random token, 10 % stay), and predict the token at masked position
-$i$ from the hidden state at position $i-1$, where the pretrained head already predicts "the next
-token":
+# %% [markdown]
+# ## Stage 3 · Bi + MNTP: teach the model to use both sides
+#
+# The second step (paper, Sec. 2.1, *Masked next token prediction*) trains the bidirectional model on a
+# masked-language-modelling task shaped like a decoder's: mask a random 20 % of the tokens (80 % of those
+# become the mask token `_`, 10 % a random token, 10 % stay), and predict the token at masked position
+# $i$ from the hidden state at position $i-1$, where the pretrained head already predicts "the next
+# token":
+#
+# $$
+# \mathcal{L}_{\text{MNTP}} = -\frac{1}{|\mathcal{M}|} \sum_{i \in \mathcal{M}}
+# \log p_\theta\big(x_i \,\big|\, h_{i-1}(\tilde{x})\big),
+# $$
+#
+# with $\tilde{x}$ the corrupted text and $h$ computed with bidirectional attention. Only a LoRA adapter
+# is trained ([Hu et al., 2021](https://arxiv.org/abs/2106.09685); $r = 16$, $\alpha = 32$ on every
+# attention and MLP projection): $W x + \frac{\alpha}{r} B A x$ with $B = 0$ at the start. The paper
+# trains 1,000 steps of batch 32 on Wikitext-103 (Sec. 2.2; blocks of 512 tokens in the official
+# config); this run's budget is in `RECIPE` above.
+#
+# Checks: only the adapter is trainable, and exactly $r(d_{\text{in}} + d_{\text{out}})$ numbers per
+# wrapped matrix (counted here from the config); the logged MNTP loss is lower at the last step than at
+# the first; and so is the loss on one fixed masked batch, measured before and after with dropout off.
 
-$$
-\mathcal{L}_{\text{MNTP}} = -\frac{1}{|\mathcal{M}|} \sum_{i \in \mathcal{M}}
-\log p_\theta\big(x_i \,\big|\, h_{i-1}(\tilde{x})\big),
-$$
-
-with $\tilde{x}$ the corrupted text and $h$ computed with bidirectional attention. Only a LoRA adapter
-is trained ([Hu et al., 2021](https://arxiv.org/abs/2106.09685); $r = 16$, $\alpha = 32$ on every
-attention and MLP projection): $W x + \frac{\alpha}{r} B A x$ with $B = 0$ at the start. The paper
-trains 1,000 steps of 32 blocks of 512 tokens of Wikipedia; this run's budget is in `RECIPE` above.
-
-Checks: only the adapter is trainable, and exactly $r(d_{\text{in}} + d_{\text{out}})$ numbers per
-wrapped matrix (counted here from the config); the logged MNTP loss is lower at the last step than at
-the first; and so is the loss on one fixed masked batch, measured before and after with dropout off.
-"""),
-code(r"""
+# %%
 t0 = time.perf_counter()
 LORA = LoRASettings(r=RECIPE.lora_r, alpha=RECIPE.lora_alpha, dropout=0.05)
 # one fixed masked batch, to measure the MNTP loss before and after training (with dropout off)
@@ -296,28 +298,28 @@ assert mntp_after < mntp_before  # and on the same masked batch
 assert (OUT / "mntp" / "adapter_model.safetensors").is_file()  # a PEFT adapter on disk
 assert not np.allclose(EMB["Bi + MNTP"], EMB["Bi + mean"], atol=1e-4)
 assert math.isfinite(RESULTS["Bi + MNTP"]) and -100 <= RESULTS["Bi + MNTP"] <= 100
-"""),
-md(r"""
-## Stage 4 · Bi + MNTP + SimCSE: one vector per sentence
 
-MNTP works on tokens; nothing in it asks for a good *sentence* vector. The third step (paper, Sec. 2,
-*Unsupervised contrastive learning*) is SimCSE ([Gao, Yao & Chen, 2021](https://arxiv.org/abs/2104.08821)):
-encode a batch of $N$ sentences twice in training mode; dropout makes the two embeddings $e_i, e_i^+$ of
-sentence $i$ differ a little, and the other sentences of the batch are the negatives,
+# %% [markdown]
+# ## Stage 4 · Bi + MNTP + SimCSE: one vector per sentence
+#
+# MNTP works on tokens; nothing in it asks for a good *sentence* vector. The third step (paper, Sec. 2.1,
+# *Unsupervised contrastive learning*) is SimCSE ([Gao, Yao & Chen, 2021](https://arxiv.org/abs/2104.08821)):
+# encode a batch of $N$ sentences twice in training mode; dropout makes the two embeddings $e_i, e_i^+$ of
+# sentence $i$ differ a little, and the other sentences of the batch are the negatives,
+#
+# $$
+# \mathcal{L}_{\text{SimCSE}} = -\frac{1}{N} \sum_{i=1}^{N}
+# \log \frac{\exp\!\big(\cos(e_i, e_i^+)/\tau\big)}{\sum_{j=1}^{N} \exp\!\big(\cos(e_i, e_j^+)/\tau\big)},
+# \qquad 1/\tau = 20 .
+# $$
+#
+# As in LLM2Vec, the MNTP adapter is first **merged** into the weights ($W \leftarrow W + \frac{\alpha}{r} BA$),
+# attention dropout is set to 0.3, and a **fresh** LoRA adapter is trained on top (the paper: 1,000 steps
+# on Wikipedia sentences, batch 32 for S-LLaMA-1.3B and 128 for the 7B/8B models, App. D.1.2). Checks: merging changes no embedding; the fresh adapter starts as a
+# no-op ($B = 0$); after training, every adapted matrix has moved ($\lVert \frac{\alpha}{r} BA \rVert > 0$)
+# and so have the embeddings.
 
-$$
-\mathcal{L}_{\text{SimCSE}} = -\frac{1}{N} \sum_{i=1}^{N}
-\log \frac{\exp\!\big(\cos(e_i, e_i^+)/\tau\big)}{\sum_{j=1}^{N} \exp\!\big(\cos(e_i, e_j^+)/\tau\big)},
-\qquad 1/\tau = 20 .
-$$
-
-As in LLM2Vec, the MNTP adapter is first **merged** into the weights ($W \leftarrow W + \frac{\alpha}{r} BA$),
-attention dropout is set to 0.3, and a **fresh** LoRA adapter is trained on top (the paper: 1,000 steps
-of 128 sentences from Wikipedia). Checks: merging changes no embedding; the fresh adapter starts as a
-no-op ($B = 0$); after training, every adapted matrix has moved ($\lVert \frac{\alpha}{r} BA \rVert > 0$)
-and so have the embeddings.
-"""),
-code(r"""
+# %%
 t0 = time.perf_counter()
 merge_and_unload(model)  # the MNTP adapter becomes part of W; plain nn.Linear layers again
 assert not lora_layers(model)
@@ -354,14 +356,14 @@ assert len(simcse_log) == RECIPE.simcse_steps and all(math.isfinite(x["loss"]) f
 assert len(delta) == 7 * model.config.num_hidden_layers and min(delta.values()) > 0  # every matrix moved
 assert not np.allclose(EMB["Bi + MNTP + SimCSE"], merged, atol=1e-4)  # the adapter changes embeddings
 assert math.isfinite(RESULTS["Bi + MNTP + SimCSE"]) and -100 <= RESULTS["Bi + MNTP + SimCSE"] <= 100
-"""),
-md(r"""
-The two training curves. MNTP's loss is a cross-entropy over the vocabulary (nats per masked token);
-SimCSE's is a cross-entropy over the $N$ sentences of the batch: an encoder that cannot tell them
-apart scores $\ln N$ (the grey line).
-Each step draws a new batch (and new masks), so the curves are noisy.
-"""),
-code(r"""
+
+# %% [markdown]
+# The two training curves. MNTP's loss is a cross-entropy over the vocabulary (nats per masked token);
+# SimCSE's is a cross-entropy over the $N$ sentences of the batch: an encoder that cannot tell them
+# apart scores $\ln N$ (the grey line).
+# Each step draws a new batch (and new masks), so the curves are noisy.
+
+# %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 for ax, log, title in ((axes[0], mntp_log, "MNTP (stage 3)"), (axes[1], simcse_log, "SimCSE (stage 4)")):
     ax.plot([x["step"] for x in log], [x["loss"] for x in log], marker=".")
@@ -372,17 +374,17 @@ axes[1].axhline(math.log(RECIPE.simcse_batch), color="grey", ls=":", label=r"$\l
 axes[1].legend()
 fig.tight_layout()
 plt.show()
-"""),
-md(r"""
-## The adapters on disk are the result
 
-`train` wrote each adapter in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`). The
-finished encoder is the base model with the MNTP adapter merged, then the SimCSE adapter merged: what
-`LLM2Vec.from_pretrained(path, adapters=[mntp, simcse])` loads. We rebuild it that way from a fresh
-copy of the base model and check that it embeds like the model we trained in memory; it is the
-encoder of the rest of the notebook.
-"""),
-code(r"""
+# %% [markdown]
+# ## The adapters on disk are the result
+#
+# `train` wrote each adapter in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`). The
+# finished encoder is the base model with the MNTP adapter merged, then the SimCSE adapter merged: what
+# `LLM2Vec.from_pretrained(path, adapters=[mntp, simcse])` loads. We rebuild it that way from a fresh
+# copy of the base model and check that it embeds like the model we trained in memory; it is the
+# encoder of the rest of the notebook.
+
+# %%
 final_model, _ = load_base()
 merge_adapter(final_model, OUT / "mntp")  # W += (alpha/r) B A, MNTP first
 merge_adapter(final_model, OUT / "simcse")  # then SimCSE on top
@@ -391,24 +393,24 @@ from_disk = final.encode(PROBE)
 print("cosine, in-memory vs rebuilt from the adapters:", np.round(cosine_rows(from_disk, EMB["Bi + MNTP + SimCSE"]), 6))
 assert cosine_rows(from_disk, EMB["Bi + MNTP + SimCSE"]).min() > 1 - 1e-5
 model = encoder = task = None  # the rebuilt `final` replaces them (and their memory is freed)
-"""),
-md(r"""
-## The ablation, beside the paper
 
-The bars: ours, Spearman × 100 on STS-B dev (the first `eval_pairs` pairs; in a smoke run, the 12
-built-in pairs); the paper's, Sheared-LLaMA-1.3B with mean pooling, averaged over a 15-task MTEB
-subset (`demo.PAPER_MTEB15`). They are **different models, data and metrics**: compare the shape of
-the two series (how each step moves the score), not the heights. In the paper, Bi alone costs a few
-points, MNTP recovers and passes the baseline, and SimCSE adds the most. A few dozen CPU steps on a
-135M-parameter model reproduce that shape only roughly: on SmolLM2, Bi alone costs far more than in
-the paper (a measurement with no training in it, so the same in every run), 30 MNTP steps win back
-little, and 40 SimCSE steps move the score the most, by an amount that swings widely at this budget:
-three runs of this very recipe during development gave 82, 47 and 24 after SimCSE (MNTP: 12 to 14).
-With the real model the cell asserts only what held in all of them: Bi below Uni, and SimCSE above
-MNTP. A smoke run asserts no order at all. `write_outputs` also saves the table and a
-`results.json`, as `make demo` does.
-"""),
-code(r"""
+# %% [markdown]
+# ## The ablation, beside the paper
+#
+# The bars: ours, Spearman × 100 on STS-B dev (the first `eval_pairs` pairs; in a smoke run, the 12
+# built-in pairs); the paper's, Sheared-LLaMA-1.3B with mean pooling, averaged over a 15-task MTEB
+# subset (`demo.PAPER_MTEB15`). They are **different models, data and metrics**: compare the shape of
+# the two series (how each step moves the score), not the heights. In the paper, Bi alone costs a few
+# points, MNTP recovers and passes the baseline, and SimCSE adds the most. A few dozen CPU steps on a
+# 135M-parameter model reproduce that shape only roughly: on SmolLM2, Bi alone costs far more than in
+# the paper (a measurement with no training in it, so the same in every run), 30 MNTP steps win back
+# little, and 40 SimCSE steps move the score the most, by an amount that swings widely at this budget:
+# three runs of this very recipe during development gave 82, 47 and 24 after SimCSE (MNTP: 12 to 14).
+# With the real model the cell asserts only what held in all of them: Bi below Uni, and SimCSE above
+# MNTP. A smoke run asserts no order at all. `write_outputs` also saves the table and a
+# `results.json`, as `make demo` does.
+
+# %%
 print(write_outputs(OUT, RESULTS, RECIPE, SMOKE, MODEL_NAME))
 print("\nseconds per stage:", {k: round(v, 1) for k, v in SECONDS.items()})
 
@@ -435,22 +437,22 @@ assert ("SMOKE DEMO" in (OUT / "table.txt").read_text()) == SMOKE
 if REAL:  # the paper's direction where it held in every run of ours (see above)
     assert RESULTS["Bi + mean"] < RESULTS["Uni + mean"]  # untrained bidirectional attention hurts
     assert RESULTS["Bi + MNTP + SimCSE"] > RESULTS["Bi + MNTP"]  # SimCSE helps
-"""),
-md(r"""
-## Nearest neighbours: try your own sentences
 
-The point of an encoder: find texts by meaning. Below, `SENTENCES` is a small collection and `QUERY`
-a question to it; the cell embeds both with the final encoder, normalises the vectors, and ranks the
-collection by cosine similarity $\cos(q, s) = \hat{q} \cdot \hat{s}$. Edit them and run the cell
-again (in smoke mode the tokenizer knows only the built-in corpus's words; others become `<unk>`).
-For contrast, the same search with the untouched decoder (Uni + mean) is shown beside it.
-`EXPECTED` is the sentence we wrote as `QUERY`'s paraphrase (set it to `None` when you change the
-query). With the real model the untouched decoder must rank it first; the final encoder's rank is
-printed but not asserted, because at the demo's budget the last stage varies too much from run to
-run (above) to promise it. With the smoke model the cell checks only what holds for any encoder:
-shapes, unit vectors, the order of the hits, and that a sentence is its own nearest neighbour.
-"""),
-code(r"""
+# %% [markdown]
+# ## Nearest neighbours: try your own sentences
+#
+# The point of an encoder: find texts by meaning. Below, `SENTENCES` is a small collection and `QUERY`
+# a question to it; the cell embeds both with the final encoder, normalises the vectors, and ranks the
+# collection by cosine similarity $\cos(q, s) = \hat{q} \cdot \hat{s}$. Edit them and run the cell
+# again (in smoke mode the tokenizer knows only the built-in corpus's words; others become `<unk>`).
+# For contrast, the same search with the untouched decoder (Uni + mean) is shown beside it.
+# `EXPECTED` is the sentence we wrote as `QUERY`'s paraphrase (set it to `None` when you change the
+# query). With the real model the untouched decoder must rank it first; the final encoder's rank is
+# printed but not asserted, because at the demo's budget the last stage varies too much from run to
+# run (above) to promise it. With the smoke model the cell checks only what holds for any encoder:
+# shapes, unit vectors, the order of the hits, and that a sentence is its own nearest neighbour.
+
+# %%
 SENTENCES = [
     "A man is playing a guitar.",
     "A woman is slicing an onion.",
@@ -504,13 +506,13 @@ self_hits = search(final, probe, SENTENCES)[0]  # any sentence is its own neares
 assert self_hits[0][1] == probe and abs(self_hits[0][0] - 1) < 1e-4
 if REAL and EXPECTED is not None:
     assert base_hits[0][1] == EXPECTED, f"the paraphrase {EXPECTED!r} is not first: {base_hits}"
-"""),
-md(r"""
-A few more queries, each with the sentence we consider its paraphrase. Nothing is asserted here: count
-how often each encoder puts the paraphrase first. (In a smoke run the counts say little: the tiny
-model has seen these very sentences, and nothing else, for a few seconds of training.)
-"""),
-code(r"""
+
+# %% [markdown]
+# A few more queries, each with the sentence we consider its paraphrase. Nothing is asserted here: count
+# how often each encoder puts the paraphrase first. (In a smoke run the counts say little: the tiny
+# model has seen these very sentences, and nothing else, for a few seconds of training.)
+
+# %%
 MORE = {  # query -> its paraphrase in SENTENCES
     "The stock market fell sharply today.": "Shares dropped steeply on Monday.",
     "It is raining in the city.": "Rain falls on the town.",
@@ -526,26 +528,31 @@ for query, paraphrase in MORE.items():
             show(query, hits, f"final encoder; paraphrase: {paraphrase!r}")
 print(f"\nparaphrase ranked first: final encoder {first['final']}/{len(MORE)}, "
       f"Uni + mean decoder {first['base']}/{len(MORE)}")
-"""),
-md(r"""
-## What we have
 
-The whole of LLM2Vec in a dozen cells, each claim checked as it was made: the causal decoder's prefix
-states ignore the future; one flag makes every token read every other, with the same weights; a LoRA
-adapter learns MNTP (its loss falls); merging it changes nothing, and a second adapter learns SimCSE;
-the two adapters on disk rebuild the same encoder. With
-`LLM2VEC_MINI_REAL=1` the same cells train SmolLM2 and print real scores (the demo's budget, a few dozen
-steps, not the paper's thousands). For the same run from the command line, `python -m llm2vec_mini demo`
-(`make demo`); for a longer one, `make reproduce`.
-"""),
-code(r"""
+# %% [markdown]
+# ## What we have
+#
+# The whole of LLM2Vec in a dozen cells, each claim checked as it was made: the causal decoder's prefix
+# states ignore the future; one flag makes every token read every other, with the same weights; a LoRA
+# adapter learns MNTP (its loss falls); merging it changes nothing, and a second adapter learns SimCSE;
+# the two adapters on disk rebuild the same encoder. With
+# `LLM2VEC_MINI_REAL=1` the same cells train SmolLM2 and print real scores (the demo's budget, a few dozen
+# steps, not the paper's thousands). For the same run from the command line, `python -m llm2vec_mini demo`
+# (`make demo`); for a longer one, `make reproduce`.
+
+# %%
 if REAL:
     print(f"adapters, logs, table and results: {OUT}")  # kept: e.g. LLM2Vec.from_pretrained(..., adapters=[...])
 else:
     shutil.rmtree(OUT)  # a smoke run's outputs are worth nothing: leave no trace in the temp folder
-"""),
-]
 
-
-if __name__ == "__main__":
-    print("wrote", write("08_end_to_end", END_TO_END).relative_to(Path(__file__).resolve().parents[1]))
+# %% [markdown]
+# ## Try it yourself
+#
+# * Run this notebook with `LLM2VEC_MINI_REAL=1` and a different `seed` in `mntp_config`/`simcse_config`:
+#   how much does the last stage move from run to run?
+# * Double the MNTP steps in `RECIPE` and see whether Bi + MNTP catches up with Uni.
+# * Load the two adapters the run wrote with `LLM2Vec.from_pretrained(path, adapters=[...])` in a fresh
+#   session and encode your own sentences.
+#
+# **Next:** you have seen every step. `make demo` and `make reproduce` run the recipe from the command line, and the README's *For students and teachers* section shows the exercises that let you write each component yourself.
