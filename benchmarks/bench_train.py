@@ -122,7 +122,8 @@ def child_ours(task: str, dtype: str, work: Path, model_dir: Path, args) -> dict
         set_attention_dropout(model, ATTENTION_DROPOUT)
     add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"])
     chosen = compute_dtype("auto" if dtype == "auto" else torch.float32)
-    fp32_blocks = set_compute_dtype(model, chosen)  # what train.train does with TrainConfig.dtype
+    # what train.train does with TrainConfig.dtype: every block in bf16 (no fp32 blocks in training)
+    fp32_blocks = set_compute_dtype(model, chosen, keep_fp32=[])
     if task == "mntp":  # the batches are masked already; the collator is not used
         runner = MNTPTask(model, torch.zeros(1, BLOCK, dtype=torch.long), MNTPCollator(0, 1))
         batches = [(torch.from_numpy(i), torch.from_numpy(lab))
