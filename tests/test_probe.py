@@ -205,7 +205,7 @@ def test_layer_option_reads_the_output_of_a_decoder_layer():
 # ----------------------------------------------------------------------------------------- the probe
 
 def test_train_probe_matches_scipy_on_the_same_objective():
-    from scipy.optimize import minimize
+    minimize = pytest.importorskip("scipy.optimize").minimize
 
     rng = np.random.default_rng(0)
     N, H, C, wd = 300, 8, 3, 0.05

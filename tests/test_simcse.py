@@ -65,7 +65,7 @@ def test_pool_all_positions_is_the_mean_of_the_padded_row_as_transformers_number
     """The official training pools every position of a left-padded row, padding included, with
     transformers' default positions 0..T-1; computed here with transformers' LlamaModel and a
     bidirectional 4-D mask built by hand."""
-    import transformers
+    transformers = pytest.importorskip("transformers")
 
     from llm2vec_mini import LlamaForCausalLM
     from llm2vec_mini.simcse import SimCSETask
