@@ -405,7 +405,8 @@ model = encoder = task = None  # the rebuilt `final` replaces them (and their me
 # 135M-parameter model reproduce that shape only roughly: on SmolLM2, Bi alone costs far more than in
 # the paper (a measurement with no training in it, so the same in every run), 30 MNTP steps win back
 # little, and 40 SimCSE steps move the score the most, by an amount that swings widely at this budget:
-# three runs of this very recipe during development gave 82, 47 and 24 after SimCSE (MNTP: 12 to 14).
+# on 2026-12-02 this very recipe ended SimCSE at 71.9 (`make demo`, two threads) and 64.2 (this
+# notebook, one thread; MNTP 7.9 in both), and during earlier development at 82, 47 and 24.
 # With the real model the cell asserts only what held in all of them: Bi below Uni, and SimCSE above
 # MNTP. A smoke run asserts no order at all. `write_outputs` also saves the table and a
 # `results.json`, as `make demo` does.
