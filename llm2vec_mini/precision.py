@@ -236,7 +236,9 @@ def _project(block: nn.Module, names: tuple, dtype: torch.dtype, out: Optional[t
              previous, x: torch.Tensor) -> list[torch.Tensor]:
     """q/k/v (out fp32, for attention) or gate/up (out None: kept in `dtype` for SwiGLU and
     down_proj) in `dtype`: as one product from the stacked weight where `ops.fuse_projections` made
-    one and no gradient is needed, else one projection at a time."""
+    one and no gradient is needed, else one projection at a time. `previous` is the block's own
+    `project` before this one (fuse_projections'), kept only so that float32 can put it back.
+    x: (..., hidden) -> one (..., out_i) per projection."""
     linears = [getattr(block, name) for name in names]
     weight = None if torch.is_grad_enabled() else stacked_weight(linears)
     if weight is None:
