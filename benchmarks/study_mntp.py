@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -47,22 +46,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.machine import cpu_flags, cpu_line, cpu_model  # noqa: E402  (after the path)
+
 PAPER = "paper (S-LLaMA-1.3B): MNTP lr 5e-5, 512-token blocks, batch 32, 1,000 steps"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma")
-            return " ".join(f for f in line.split(":", 1)[1].split() if f in wanted)
-    return ""
 
 
 class Study:
@@ -93,7 +80,7 @@ class Study:
         return proc.stdout, seconds
 
     def save(self):
-        self.state.update(cpu=cpu_model(), cpu_flags=cpu_flags(), threads=self.args.threads,
+        self.state.update(cpu=cpu_model(), cpu_flags=" ".join(cpu_flags()), threads=self.args.threads,
                           budget=self.budget())
         self.state_path.write_text(json.dumps(self.state, indent=2))
 
@@ -346,7 +333,7 @@ def main(argv=None) -> int:
     blocks = [int(x) for x in args.blocks.split(",")]
     study = Study(args)
     study.prepare()
-    print(f"CPU: {cpu_model()} ({cpu_flags()}); {args.threads} threads; budget {study.budget()}")
+    print(f"{cpu_line()}; {args.threads} threads; budget {study.budget()}")
     study.baseline(causal=True)
     study.baseline(causal=False)
     for block in blocks:
@@ -370,7 +357,7 @@ def main(argv=None) -> int:
     study.save()
     report = table(study.state)
     (study.out / "study.md").write_text(
-        f"CPU: {cpu_model()} ({cpu_flags()}), {args.threads} threads; budget: {args.steps} steps x "
+        f"{cpu_line()}; {args.threads} threads; budget: {args.steps} steps x "
         f"{args.tokens_per_step} tokens; our training in {args.train_dtype}, the official in float32; "
         f"evaluation with --dtype auto\n\n{report}\n")
     print(report)
